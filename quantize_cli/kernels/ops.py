@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import reference
+from . import reference, scale_search
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -25,6 +25,8 @@ REFERENCE: dict[str, Callable[..., object]] = {
     "dequantize_nvfp4": reference.dequantize_nvfp4,
     "quantize_mxfp4": reference.quantize_mxfp4,
     "dequantize_mxfp4": reference.dequantize_mxfp4,
+    "search_nvfp4": scale_search.search_nvfp4,
+    "search_mxfp4": scale_search.search_mxfp4,
 }
 
 # Filled by quantize_cli.kernels.triton when Triton imports; same keys and signatures as REFERENCE.

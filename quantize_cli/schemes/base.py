@@ -114,6 +114,7 @@ class Scheme:
     aliases: tuple[str, ...] = ()
     kernel_ops: tuple[str, ...] = ()
     options: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ("naive",)
     codebook_values: tuple[float, ...] | None = None
     version: int = 1
     extra: dict[str, Any] = field(default_factory=dict)

@@ -7,13 +7,18 @@ from typing import Any
 from ..kernels.ops import resolve
 from ..kernels.reference import nvfp4_global_scale
 from .base import Quantized, QuantState, Scheme, Tensor
+from .fp4_methods import method_of, padded_hessian_blocks
 
 
 def _quantize(x: Tensor, block_size: int, backend: str, options: dict[str, Any]) -> Quantized:
     global_scale = options.get("global_scale")
     if global_scale is None:
         global_scale = nvfp4_global_scale(x)
-    qdata, scale = resolve("quantize_nvfp4", backend, x.device)(x, block_size, global_scale)
+    if method_of(options) == "naive":
+        qdata, scale = resolve("quantize_nvfp4", backend, x.device)(x, block_size, global_scale)
+    else:
+        hessian = padded_hessian_blocks(options, x, block_size)
+        qdata, scale = resolve("search_nvfp4", backend, x.device)(x, block_size, global_scale, hessian)
     return Quantized(qdata, scale, global_scale.float().reshape(()))
 
 
@@ -32,5 +37,6 @@ NVFP4 = Scheme(
     scale_bytes=1.0,
     tensor_bytes=4,
     kernel_ops=("quantize_nvfp4", "dequantize_nvfp4"),
-    options=("global_scale",),
+    methods=("naive", "sse", "hessian"),
+    options=("global_scale", "method", "hessian"),
 )

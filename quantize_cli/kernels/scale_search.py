@@ -1,0 +1,90 @@
+"""Reference block-scale searches for NVFP4 and MXFP4: SSE-optimal and Hessian-optimal scales.
+
+The naive scale snaps ``amax / 6`` to the scale format. A smaller scale clips the block's largest
+element but resolves the rest more finely; a larger one does the opposite. These searches try a
+bounded set of neighbouring scales on the format's own grid and keep, per block, the one with the
+least error: the squared error ``r.r`` (SSE) or ``r^T H_b r`` (Hessian), with ``r = x - Q(x)`` and
+``H_b`` the block's diagonal block of the calibration ``X^T X``. Cross-block terms of H are ignored, so
+blocks are independent and the search stays one pass over the weight.
+
+Same input conventions as ``reference.py``: 2-D ``x`` whose cols the block divides. ``hessian`` is
+None (SSE) or (cols // block_size, block_size, block_size) fp32 diagonal blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .constants import E2M1_EMAX, E8M0_BIAS, F4_E2M1_MAX, F8_E4M3_MAX
+from .reference import _blocks, _floor_log2, _safe_div, e2m1_decode, e2m1_encode, pack_4bit
+
+Tensor = torch.Tensor
+
+# Candidate scales, in steps of the scale format's grid around the naive scale. E4M3 has 8 steps per
+# octave, so -4..+7 spans about 0.7x to 1.8x of amax / 6 (the upper side pays off on weights that
+# already sit on a coarse grid, such as ones converted from GGUF); E8M0 steps are whole octaves.
+NVFP4_STEPS: tuple[int, ...] = tuple(range(-4, 8))
+MXFP4_STEPS: tuple[int, ...] = (-1, 0, 1)
+_E4M3_MAX_BITS = 0x7E  # 448; 0x7F is NaN
+
+
+def hessian_blocks(hessian: Tensor, block_size: int) -> Tensor:
+    """(cols, cols) X^T X -> its (cols // block_size, block_size, block_size) diagonal blocks, fp32."""
+    nb = hessian.shape[0] // block_size
+    h = hessian.float().reshape(nb, block_size, nb, block_size)
+    idx = torch.arange(nb, device=hessian.device)
+    return h[idx, :, idx, :]
+
+
+def block_error(xb: Tensor, dq: Tensor, hessian: Tensor | None) -> Tensor:
+    """Per-block error of (rows, nb, B) values: sum of squares, or r^T H_b r with r = xb - dq."""
+    r = xb - dq
+    if hessian is None:
+        return (r * r).sum(dim=-1)
+    return torch.einsum("rbi,bij,rbj->rb", r, hessian, r)
+
+
+def _e2m1_roundtrip(xb: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes and dequantized values of blocks ``xb`` (rows, nb, B) under per-block scales ``total``."""
+    codes = e2m1_encode(_safe_div(xb, total.unsqueeze(-1)))
+    return codes, e2m1_decode(codes) * total.unsqueeze(-1)
+
+
+def search_nvfp4(x: Tensor, block_size: int, global_scale: Tensor, hessian: Tensor | None) -> tuple[Tensor, Tensor]:
+    """NVFP4 with searched E4M3 block scales. Returns (packed codes, float8_e4m3fn scales) like
+    ``reference.quantize_nvfp4``; the first candidate wins a tie, so ``NVFP4_STEPS`` order matters."""
+    xb = _blocks(x, block_size)
+    gs = global_scale.float()
+    naive = torch.clamp(xb.abs().amax(dim=-1) / F4_E2M1_MAX / gs, max=F8_E4M3_MAX).to(torch.float8_e4m3fn)
+    naive_bits = naive.view(torch.uint8).to(torch.int32)
+    best_err = torch.full(naive.shape, float("inf"), device=x.device)
+    best_bits = naive_bits.clone()
+    for step in NVFP4_STEPS:
+        bits = torch.clamp(naive_bits + step, 0, _E4M3_MAX_BITS)
+        scale = bits.to(torch.uint8).view(torch.float8_e4m3fn).float()
+        _, dq = _e2m1_roundtrip(xb, scale * gs)
+        err = block_error(xb, dq, hessian)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_bits = torch.where(better, bits, best_bits)
+    scale8 = best_bits.to(torch.uint8).view(torch.float8_e4m3fn)
+    codes, _ = _e2m1_roundtrip(xb, scale8.float() * gs)
+    return pack_4bit(codes.reshape(x.shape)), scale8
+
+
+def search_mxfp4(x: Tensor, block_size: int, hessian: Tensor | None) -> tuple[Tensor, Tensor]:
+    """MXFP4 with searched E8M0 exponents. Returns (packed codes, uint8 biased exponents) like
+    ``reference.quantize_mxfp4``."""
+    xb = _blocks(x, block_size)
+    naive = _floor_log2(xb.abs().amax(dim=-1)) - E2M1_EMAX
+    best_err = torch.full(naive.shape, float("inf"), device=x.device)
+    best_exp = torch.clamp(naive, -E8M0_BIAS, E8M0_BIAS)
+    for step in MXFP4_STEPS:
+        exp = torch.clamp(naive + step, -E8M0_BIAS, E8M0_BIAS)
+        _, dq = _e2m1_roundtrip(xb, torch.exp2(exp.float()))
+        err = block_error(xb, dq, hessian)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_exp = torch.where(better, exp, best_exp)
+    codes, _ = _e2m1_roundtrip(xb, torch.exp2(best_exp.float()))
+    return pack_4bit(codes.reshape(x.shape)), (best_exp + E8M0_BIAS).to(torch.uint8)
