@@ -38,7 +38,7 @@ def test_nvfp4_search_matches_brute_force(use_hessian: bool) -> None:
     got = scale8.view(torch.uint8).reshape(-1).tolist()
     expected = _brute_force_nvfp4(x, gs.item(), h)
     # float32 vs float64 error sums may disagree only on near-exact ties
-    assert sum(g != e for g, e in zip(got, expected)) <= 1
+    assert sum(g != e for g, e in zip(got, expected, strict=True)) <= 1
 
 
 def test_hessian_identity_equals_sse() -> None:
