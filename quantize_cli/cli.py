@@ -108,13 +108,37 @@ def schemes() -> None:
 @handle_errors
 def convert(
     model: ModelArg,
-    scheme: SchemeOpt = "nf4",
+    scheme: Annotated[
+        str | None, typer.Option("--scheme", "-s", help=f"Scheme: {', '.join(scheme_names(True))} (default nf4).")
+    ] = None,
     block_size: BlockOpt = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="YAML recipe (see recipes/).")] = None,
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Keep tensors matching a glob/re:regex.")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Output folder (default: <model>-<scheme>).")] = None,
     device: DeviceOpt = "auto",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest shard, e.g. 2GB, 500MB.")] = "2GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read .bin/.pt pickle weights.")] = False,
 ) -> None:
     """Stream MODEL tensor by tensor through a scheme into a quantized safetensors folder."""
-    _not_implemented("convert")
+    from rich.markup import escape
+
+    from .pipeline import convert as run_convert
+
+    def warn(message: str) -> None:
+        err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+    result = run_convert(
+        model, scheme, block_size, recipe, ignore or (), out, device, max_shard_size, overwrite, resume, revision,
+        allow_pickle, progress=True, log=warn,
+    )  # fmt: skip
+    table = Table(show_header=False)
+    for label, value in result.summary():
+        table.add_row(label, escape(value))
+    console.print(f"wrote {escape(str(result.out))} from {escape(result.source)}", highlight=False, soft_wrap=True)
+    console.print(table)
 
 
 @app.command()
@@ -125,9 +149,31 @@ def calibrate(
     samples: Annotated[int, typer.Option("--samples", help="Number of calibration sequences.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")] = 512,
     out: Annotated[str, typer.Option("--out", "-o", help="Calibration statistics file.")] = "calib.safetensors",
+    observer: Annotated[
+        str, typer.Option("--observer", help="Activation range: minmax, percentile, or histogram (MSE-optimal clip).")
+    ] = "minmax",
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel", help="Ranges per input channel, not per tensor.")
+    ] = False,
+    percentile: Annotated[float, typer.Option("--percentile", help="Percentile for --observer percentile.")] = 99.99,
+    hessian: Annotated[
+        bool, typer.Option("--hessian/--no-hessian", help="Also collect X^T X per Linear (for --method hessian).")
+    ] = True,
+    device: DeviceOpt = "auto",
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
-    """Run calibration data through MODEL one decoder layer at a time and save the statistics."""
-    _not_implemented("calibrate")
+    """Run calibration data through MODEL one decoder layer at a time and save the statistics.
+
+    Only the embeddings and one decoder layer are in memory at a time, so models larger than memory
+    calibrate. The file feeds `quanta convert --calibration FILE` (int8-static, --method hessian).
+    """
+    from .calibration import CalibrationSettings
+    from .calibration import calibrate as run_calibration
+
+    settings = CalibrationSettings(observer, per_channel, percentile, hessian, device)
+    path = run_calibration(model, data, out, samples, seq_len, settings, revision, overwrite)
+    console.print(f"wrote calibration statistics to [bold]{path}[/]")
 
 
 @app.command("eval")
@@ -135,10 +181,31 @@ def calibrate(
 def eval_(
     model: ModelArg,
     ppl: Annotated[bool, typer.Option("--ppl", help="Measure perplexity.")] = False,
-    data: DataOpt = "wikitext",
+    kld: Annotated[bool, typer.Option("--kld", help="KL divergence from --baseline, and top-1 agreement.")] = False,
+    metrics: Annotated[bool, typer.Option("--metrics", help="Per-tensor error of a quanta folder.")] = False,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="wikitext, c4, pile, or a .txt/.jsonl/.parquet file or folder [--ppl: wikitext]."),
+    ] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 2048,
+    max_samples: Annotated[int | None, typer.Option("--max-samples", help="Use the first N windows.")] = None,
+    baseline: Annotated[str | None, typer.Option("--baseline", help="Reference model for --kld.")] = None,
+    kld_top_k: Annotated[
+        int | None, typer.Option("--kld-top-k", help="Cache only the baseline's top K log-probs (default: all).")
+    ] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 1,
 ) -> None:
     """Evaluate a model or a quanta folder: perplexity, KL divergence, per-tensor error metrics."""
-    _not_implemented("eval")
+    from .eval import evaluate, report_tables
+
+    report = evaluate(
+        model, ppl=ppl, kld=kld, metrics=metrics, data=data, baseline=baseline, seq_len=seq_len,
+        max_samples=max_samples, device=device, batch_size=batch_size, kld_top_k=kld_top_k, json_path=json_path,
+    )  # fmt: skip
+    for table in report_tables(report):
+        console.print(table)
 
 
 @app.command()
@@ -146,17 +213,48 @@ def eval_(
 def reload(
     path: DirArg,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Generate greedily from this prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate for --prompt.")] = 64,
     device: DeviceOpt = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Compute dtype: auto (the checkpoint's), float32, float16 or bfloat16.")
+    ] = "auto",
+    dequantize_to: Annotated[
+        str | None, typer.Option("--dequantize-to", help="Write the dequantized float model to this new folder.")
+    ] = None,
 ) -> None:
-    """Load a quanta folder into a transformers model with packed quantized Linear modules."""
-    _not_implemented("reload")
+    """Load a quanta folder into a transformers model with packed quantized Linear modules.
+
+    Prints a summary, or with --prompt the greedy continuation (through the chat template if any).
+    """
+    from .reload import dequantize_folder, generate, load_quantized, summarize
+    from .schemes.base import parse_dtype
+
+    compute = None if dtype == "auto" else parse_dtype(dtype)
+    if dequantize_to is not None:
+        console.print(f"wrote {dequantize_folder(path, dequantize_to, progress=True)}", highlight=False)
+        if prompt is None:
+            return
+    model = load_quantized(path, device=device, dtype=compute, progress=True)
+    typer.echo(generate(model, path, prompt, max_new_tokens) if prompt is not None else summarize(model))
 
 
 @app.command()
 @handle_errors
 def inspect(path: DirArg) -> None:
     """Summarise a quanta folder: tensors by scheme, bits per weight, size against the source."""
-    _not_implemented("inspect")
+    from rich.markup import escape
+
+    from .pipeline import inspect_folder
+
+    report = inspect_folder(path)
+    for label, value in report.summary():
+        console.print(f"[bold]{label}:[/] {escape(value)}", highlight=False, soft_wrap=True)
+    table = Table(title=escape(str(report.path)))
+    for col in ("stored as", "tensors", "params", "size", "bits/weight", "block"):
+        table.add_column(col, justify="left" if col == "stored as" else "right")
+    for group in report.groups:
+        table.add_row(*map(escape, group.row()))
+    console.print(table)
 
 
 def main() -> None:

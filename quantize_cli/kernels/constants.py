@@ -75,7 +75,7 @@ def codebook_search_tables(codebook: torch.Tensor) -> tuple[torch.Tensor, torch.
     A scaled value v gets sorted position ``bucketize(v, bounds)`` (a tie goes to the lower value,
     as bitsandbytes does), then code ``order[position]``. Midpoints are computed in fp32.
     """
-    order = torch.argsort(codebook)
+    order = torch.argsort(codebook, stable=True)  # tied values (fp4's two zeros) in code order on every device
     s = codebook[order]
     bounds = (s[:-1] + s[1:]) / 2
     return bounds, order.to(torch.uint8)

@@ -21,6 +21,7 @@ REFERENCE: dict[str, Callable[..., object]] = {
     "dequantize_int": reference.dequantize_int,
     "quantize_fp8": reference.quantize_fp8,
     "dequantize_fp8": reference.dequantize_fp8,
+    "nvfp4_global_scale": reference.nvfp4_global_scale,
     "quantize_nvfp4": reference.quantize_nvfp4,
     "dequantize_nvfp4": reference.dequantize_nvfp4,
     "quantize_mxfp4": reference.quantize_mxfp4,
@@ -29,7 +30,8 @@ REFERENCE: dict[str, Callable[..., object]] = {
     "search_mxfp4": scale_search.search_mxfp4,
 }
 
-# Filled by quantize_cli.kernels.triton when Triton imports; same keys and signatures as REFERENCE.
+# Filled by quantize_cli.kernels.triton when Triton imports; same keys and signatures as REFERENCE. Each
+# entry calls a torch.library custom op ``quanta::<key>`` (quantize_cli.kernels.library).
 TRITON: dict[str, Callable[..., object]] = {}
 
 

@@ -50,6 +50,11 @@ def _round_half_even(v: Tensor) -> Tensor:
     return torch.round(v)  # torch.round rounds half to even, as rint does in the kernels
 
 
+def _div(num: Tensor, den: float) -> Tensor:
+    """num / den, an IEEE fp32 division on every device (CUDA would multiply by den's rounded reciprocal)."""
+    return num / torch.full_like(num, den)
+
+
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     """num / den, 0 where den is 0 (all-zero blocks must not produce NaN)."""
     return torch.where(den == 0, torch.zeros_like(num), num / torch.where(den == 0, 1.0, den))
@@ -99,7 +104,7 @@ def quantize_int(x: Tensor, block_size: int, bits: int, symmetric: bool) -> tupl
     xb = _blocks(x, block_size)
     if symmetric:
         qmax = float(2 ** (bits - 1) - 1)
-        scale = xb.abs().amax(dim=-1) / qmax
+        scale = _div(xb.abs().amax(dim=-1), qmax)
         q = torch.clamp(_round_half_even(_safe_div(xb, scale.unsqueeze(-1))), -qmax, qmax)
         zero_point = None
         codes = q.to(torch.int8) if bits == 8 else (q + 8).to(torch.uint8)
@@ -108,7 +113,7 @@ def quantize_int(x: Tensor, block_size: int, bits: int, symmetric: bool) -> tupl
             raise ValueError("asymmetric quantization is defined for 4 bits only")
         lo = xb.amin(dim=-1).clamp(max=0.0)
         hi = xb.amax(dim=-1).clamp(min=0.0)
-        scale = (hi - lo) / 15.0
+        scale = _div(hi - lo, 15.0)
         zp = torch.clamp(_round_half_even(_safe_div(-lo, scale)), 0.0, 15.0)
         q = torch.clamp(_round_half_even(_safe_div(xb, scale.unsqueeze(-1))) + zp.unsqueeze(-1), 0.0, 15.0)
         zero_point = zp.to(torch.uint8)
@@ -139,7 +144,7 @@ def dequantize_int(
 def quantize_fp8(x: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     """``s = absmax / 448`` per block; ``q = e4m3(clamp(x / s, -448, 448))`` (round to nearest even)."""
     xb = _blocks(x, block_size)
-    scale = xb.abs().amax(dim=-1) / F8_E4M3_MAX
+    scale = _div(xb.abs().amax(dim=-1), F8_E4M3_MAX)
     v = torch.clamp(_safe_div(xb, scale.unsqueeze(-1)), -F8_E4M3_MAX, F8_E4M3_MAX)
     return v.to(torch.float8_e4m3fn).reshape(x.shape), scale
 
@@ -182,7 +187,7 @@ def e2m1_decode(codes: Tensor) -> Tensor:
 def nvfp4_global_scale(x: Tensor) -> Tensor:
     """Per-tensor decode scale ``amax / (448 * 6)`` (fp32, 0-d); 1 for an all-zero tensor."""
     amax = x.abs().amax().float()
-    gs = amax / (F8_E4M3_MAX * F4_E2M1_MAX)
+    gs = _div(amax, F8_E4M3_MAX * F4_E2M1_MAX)
     return torch.where(gs == 0, torch.ones_like(gs), gs)
 
 
@@ -194,8 +199,8 @@ def quantize_nvfp4(x: Tensor, block_size: int, global_scale: Tensor) -> tuple[Te
     Returns (packed codes, block scales as float8_e4m3fn).
     """
     xb = _blocks(x, block_size)
-    gs = global_scale.float()
-    block = torch.clamp(xb.abs().amax(dim=-1) / F4_E2M1_MAX / gs, max=F8_E4M3_MAX)
+    gs = global_scale.to(device=x.device, dtype=torch.float32)  # a CPU 0-d tensor would divide as a scalar
+    block = torch.clamp(_div(xb.abs().amax(dim=-1), F4_E2M1_MAX) / gs, max=F8_E4M3_MAX)
     scale8 = block.to(torch.float8_e4m3fn)
     total = scale8.float() * gs
     codes = e2m1_encode(_safe_div(xb, total.unsqueeze(-1))).reshape(x.shape)

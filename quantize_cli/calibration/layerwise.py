@@ -1,0 +1,225 @@
+"""Run calibration data through a checkpoint one decoder layer at a time.
+
+The model is built on the meta device from its config (buffers such as rotary frequencies stay real).
+Only the input embeddings and the current decoder layer are ever materialised from the checkpoint:
+the embeddings turn the token windows into layer 0's inputs, a stand-in for layer 0 records the other
+arguments the model passes its layers (attention mask, position embeddings...), then each layer is
+loaded, run on every window, observed, and released, its outputs becoming the next layer's inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from torch import nn
+
+from ..errors import QuantaError
+from ..pipeline.source import Source, SourceReader
+from .observers import make_observer
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class LinearStats:
+    """What calibration collects for one Linear: its input range and (optionally) X^T X / tokens."""
+
+    observer: Any
+    hessian: Tensor | None = None
+    tokens: int = 0
+    shares_input_with: str | None = None  # another Linear of the layer that sees the very same input
+
+
+@dataclass
+class CalibrationSettings:
+    observer: str = "minmax"
+    per_channel: bool = False
+    percentile: float = 99.99
+    hessian: bool = True
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+
+class _Caught(Exception):
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__("layer 0 reached")
+        self.layer_args, self.layer_kwargs = args, kwargs
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer 0 to record the inputs the model gives its layers, then stops the model."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise _Caught(args, kwargs)
+
+
+def build_skeleton(config_dict: dict[str, Any]) -> nn.Module:
+    """The transformers model for ``config.json`` with parameters on the meta device, buffers real."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: PLC0415 - heavy import
+
+    cfg = dict(config_dict)
+    cfg.pop("quantization_config", None)
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise QuantaError("config.json has no model_type: cannot build the model for calibration")
+    config = AutoConfig.for_model(model_type, **cfg)
+    arch = (config.architectures or [""])[0]
+    auto = AutoModelForCausalLM if arch.endswith(("ForCausalLM", "LMHeadModel")) else AutoModel
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config)
+    return model.eval()
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The one ModuleList holding the decoder layers (num_hidden_layers long); a clear error otherwise."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(lists) != 1:
+        raise QuantaError(
+            f"cannot calibrate {type(model).__name__} layer by layer: expected one ModuleList of {n} decoder "
+            f"layers, found {len(lists)}"
+        )
+    return lists[0]
+
+
+def materialise(module: nn.Module, prefix: str, reader: SourceReader, device: str, dtype: torch.dtype) -> None:
+    """Load every parameter of ``module`` from the checkpoint (names ``prefix.<param>``)."""
+    for name, param in list(module.named_parameters()):
+        full = f"{prefix}.{name}" if prefix else name
+        if full not in reader.source.tensors:
+            raise QuantaError(f"tensor {full} is missing from the checkpoint")
+        value_dtype = dtype if param.is_floating_point() else param.dtype
+        value = reader.get(full).to(device=device, dtype=value_dtype)
+        # dtype must be given: accelerate otherwise casts the value back to the skeleton's dtype.
+        set_module_tensor_to_device(module, name, device, value=value, dtype=value_dtype)
+
+
+def release(module: nn.Module) -> None:
+    """Send ``module``'s parameters back to the meta device, freeing their memory."""
+    for name, _ in list(module.named_parameters()):
+        set_module_tensor_to_device(module, name, "meta")
+
+
+def _move(value: Any, device: str) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    return value
+
+
+def layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, windows: Tensor, settings: CalibrationSettings, reader: SourceReader
+) -> tuple[list[Tensor], dict[str, Any]]:
+    """Embed each window and capture layer 0's hidden states and the shared keyword arguments."""
+    embeddings = model.get_input_embeddings()
+    emb_prefix = next(n for n, m in model.named_modules() if m is embeddings)
+    materialise(embeddings, emb_prefix, reader, settings.device, settings.dtype)
+    first = layers[0]
+    layers[0] = _Catcher()
+    hidden: list[Tensor] = []
+    kwargs: dict[str, Any] = {}
+    try:
+        for window in windows:
+            try:
+                model(input_ids=window.unsqueeze(0).to(settings.device), use_cache=False)
+            except _Caught as caught:
+                hidden.append(caught.layer_args[0] if caught.layer_args else caught.layer_kwargs["hidden_states"])
+                kwargs = {k: v for k, v in caught.layer_kwargs.items() if k != "hidden_states"}
+            except (NotImplementedError, RuntimeError) as exc:
+                if "meta" in str(exc):
+                    raise QuantaError(
+                        f"{type(model).__name__} runs modules other than its embeddings before the first decoder "
+                        "layer; layer-wise calibration does not support it"
+                    ) from None
+                raise
+    finally:
+        layers[0] = first
+        release(embeddings)
+    return hidden, {k: _move(v, settings.device) for k, v in kwargs.items()}
+
+
+@contextmanager
+def observing(layer: nn.Module, settings: CalibrationSettings) -> Iterator[dict[str, LinearStats]]:
+    """Hooks on every nn.Linear of ``layer`` that feed its input to an observer and to X^T X."""
+    stats: dict[str, LinearStats] = {}
+    # One window's Linear inputs with the Linear that saw each first. Holding the tensors keeps their
+    # memory from being reused, so identity (not address) tells that q/k/v read the very same input.
+    seen: list[tuple[Tensor, str]] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0]
+            st = stats.setdefault(
+                name, LinearStats(make_observer(settings.observer, settings.per_channel, settings.percentile))
+            )
+            st.observer.update(x)
+            owner = next((n for t, n in seen if t is x), None)
+            if owner is None:
+                seen.append((x, name))
+            elif owner != name:
+                st.shares_input_with = owner
+                return
+            if settings.hessian:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                xtx = flat.T @ flat
+                st.hessian = xtx if st.hessian is None else st.hessian + xtx
+                st.tokens += flat.shape[0]
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    layer._quanta_seen = seen  # type: ignore[attr-defined]  # cleared between windows by run_layer
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, hidden: list[Tensor], kwargs: dict[str, Any], stats_ctx: Any) -> list[Tensor]:
+    """Run every window through ``layer``; returns the outputs (the next layer's inputs)."""
+    out = []
+    for h in hidden:
+        layer._quanta_seen.clear()  # type: ignore[attr-defined]
+        result = layer(h, **kwargs)
+        out.append(result[0] if isinstance(result, tuple) else result)
+    return out
+
+
+@dataclass
+class LayerwiseRun:
+    """The per-layer loop; ``on_layer(index, prefix, stats)`` receives each layer's statistics."""
+
+    source: Source
+    settings: CalibrationSettings = field(default_factory=CalibrationSettings)
+
+    @torch.no_grad()
+    def run(
+        self,
+        windows: Tensor,
+        on_layer: Callable[[int, str, dict[str, LinearStats]], None],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        if self.source.config is None:
+            raise QuantaError("calibration needs a model folder with config.json (a bare .safetensors file has none)")
+        model = build_skeleton(self.source.config)
+        list_name, layers = decoder_layers(model)
+        with SourceReader(self.source) as reader:
+            hidden, kwargs = layer_inputs(model, layers, windows, self.settings, reader)
+            for i, layer in enumerate(layers):
+                prefix = f"{list_name}.{i}"
+                materialise(layer, prefix, reader, self.settings.device, self.settings.dtype)
+                with observing(layer, self.settings) as stats:
+                    hidden = run_layer(layer, hidden, kwargs, stats)
+                release(layer)
+                on_layer(i, prefix, stats)
+                if progress is not None:
+                    progress(i + 1, len(layers))

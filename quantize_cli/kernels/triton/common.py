@@ -1,0 +1,214 @@
+"""Pieces every Triton kernel shares: tiling, tile addressing, exact rounding and the E4M3/E2M1/bf16 bit codecs.
+
+Every kernel views its (rows, cols) input as ``n_blocks = rows * cols / block_size`` contiguous blocks
+and gives each program a tile of ``BB`` blocks x ``BP`` columns (``BP`` = the block rounded up to a
+power of two). A block wider than ``MAX_WIDTH`` is walked in chunks of ``MAX_WIDTH`` columns instead:
+one pass for its statistics, a second to encode (dequantize kernels take one chunk per program).
+
+The arithmetic is written with plain ``tl`` operations, so that it runs the same in Triton's CPU
+interpreter (which lacks most libdevice functions and does not round fp32 -> bf16 to nearest even)
+and on the GPU: true IEEE division through ``tl.math.div_rn`` (``/`` may lower to an approximate
+division), round-half-to-even through the 1.5 * 2**23 trick, and float8/bf16 conversions from the
+fp32 bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..constants import E2M1_BOUNDS
+
+MAX_WIDTH = 8192  # widest tile row; longer blocks (e.g. one scale per row of 11008) go in chunks
+TILE = 4096  # elements per program (quantize) for blocks narrower than that
+DEQUANT_TILE = 4096  # elements per program (dequantize)
+NUM_WARPS: int | None = None  # None: 4, or 8 for tiles of 8192 elements and more (benchmarks may override)
+
+# Output dtype codes for the dequantize kernels (constexpr OUT).
+OUT_FP32, OUT_FP16, OUT_BF16 = 0, 1, 2
+_OUT_CODES = {torch.float32: OUT_FP32, torch.float16: OUT_FP16, torch.bfloat16: OUT_BF16}
+
+
+def _below(b: float) -> float:
+    """The largest fp32 value below ``b``: ``m >= b`` is ``m > _below(b)`` for fp32 ``m``."""
+    return float(np.nextafter(np.float32(b), np.float32(0.0)))
+
+
+# E2M1 thresholds as strict ">" comparisons: a magnitude on an odd-index bound rounds up (ties to the
+# even mantissa above), so that bound moves one fp32 step down (see constants.E2M1_BOUNDS).
+_T = [_below(b) if i % 2 else float(b) for i, b in enumerate(E2M1_BOUNDS)]
+E2M1_T0, E2M1_T1, E2M1_T2, E2M1_T3 = (tl.constexpr(t) for t in _T[:4])
+E2M1_T4, E2M1_T5, E2M1_T6 = (tl.constexpr(t) for t in _T[4:])
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a kernel walks ``n_blocks`` blocks of ``block_size`` elements."""
+
+    blocks_per_program: int  # BB (power of two)
+    width: int  # BP: tile columns, the block (or one chunk of it) rounded up to a power of two
+    chunks: int  # NCHUNK: 1, or the number of BP-wide chunks a long block is walked in
+    num_warps: int
+    n_blocks: int
+
+    @property
+    def grid(self) -> tuple[int]:
+        return (triton.cdiv(self.n_blocks, self.blocks_per_program),)
+
+
+def plan_tiling(n_elements: int, block_size: int, dequant: bool = False) -> Tiling:
+    """The tiling for ``n_elements`` (a multiple of ``block_size``) in blocks of ``block_size``."""
+    tile = DEQUANT_TILE if dequant else TILE
+    width = triton.next_power_of_2(block_size)
+    chunks = 1
+    if width > MAX_WIDTH:
+        width, chunks = MAX_WIDTH, triton.cdiv(block_size, MAX_WIDTH)
+    per_program = max(1, tile // width)
+    num_warps = NUM_WARPS or (8 if per_program * width >= 8192 else 4)
+    return Tiling(per_program, width, chunks, num_warps, n_elements // block_size)
+
+
+def out_code(dtype: torch.dtype) -> int:
+    """The constexpr OUT code of a dequantize output dtype (fp32, fp16 or bf16)."""
+    if dtype not in _OUT_CODES:
+        raise ValueError(f"Triton kernels write float32, float16 or bfloat16, not {dtype}")
+    return _OUT_CODES[dtype]
+
+
+def out_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(result, what the kernel writes): bf16 is written as its int16 bits (rounded in-kernel)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out, (out.view(torch.int16) if dtype == torch.bfloat16 else out)
+
+
+def check_2d(x: torch.Tensor, block_size: int) -> None:
+    """The kernels' input contract: 2-D, a positive block size that divides the columns."""
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor, got shape {tuple(x.shape)}")
+    if block_size <= 0 or x.shape[1] % block_size:
+        raise ValueError(f"block_size {block_size} must divide the {x.shape[1]} columns")
+
+
+# ---- tile addressing ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def tile_offsets(blocks, blocks_ok, col0, ROW: tl.constexpr, BP: tl.constexpr):
+    """Offsets and mask of the (BB, BP) tile of ``ROW``-element rows (``ROW`` = one block's elements
+    in this array) starting at column ``col0``. The column mask is only built where BP does not divide
+    the row, so full tiles keep a mask that is constant along columns and load as wide vectors."""
+    cols = col0 + tl.arange(0, BP)
+    offs = blocks[:, None] * ROW + cols[None, :]
+    if ROW % BP == 0:
+        mask = tl.broadcast_to(blocks_ok[:, None], offs.shape)
+    else:
+        mask = blocks_ok[:, None] & (cols[None, :] < ROW)
+    return offs, mask
+
+
+@triton.jit
+def pack_pairs(codes, BB: tl.constexpr, BP: tl.constexpr):
+    """(BB, BP) 4-bit codes -> (BB, BP // 2) bytes, the first of each pair in the high nibble."""
+    hi, lo = tl.split(tl.reshape(codes, (BB, BP // 2, 2)))
+    return ((hi << 4) | lo).to(tl.uint8)
+
+
+@triton.jit
+def interleave(hi, lo, BB: tl.constexpr, BP: tl.constexpr):
+    """Two (BB, BP // 2) tensors -> (BB, BP) with hi[j] at column 2j and lo[j] at 2j + 1."""
+    return tl.reshape(tl.join(hi, lo), (BB, BP))
+
+
+# ---- exact arithmetic -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def rint(v):
+    """Round to nearest, ties to even (torch.round), for |v| < 2**22: adding 1.5 * 2**23 leaves no
+    fraction bits, so the fp32 add itself rounds half to even."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def safe_div(num, den):
+    """num / den with IEEE rounding; 0 where den is 0 (all-zero blocks)."""
+    zero = den == 0.0
+    return tl.where(zero, 0.0, tl.math.div_rn(num, tl.where(zero, 1.0, den)))
+
+
+@triton.jit
+def store_out(ptr, offs, mask, v, OUT: tl.constexpr):
+    """Store fp32 ``v`` as fp32, fp16 (cvt rounds to nearest even) or bf16 bits rounded to nearest even
+    here (the interpreter's bf16 cast truncates)."""
+    if OUT == 0:
+        tl.store(ptr + offs, v, mask=mask)
+    elif OUT == 1:
+        tl.store(ptr + offs, v.to(tl.float16), mask=mask)
+    else:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(ptr + offs, bits.to(tl.int16), mask=mask)
+
+
+# ---- float8 E4M3 (fn: no infinities, 448 max) ---------------------------------------------------------
+
+
+@triton.jit
+def e4m3_encode(v):
+    """fp32 with |v| <= 448 -> E4M3 bits (int32 0..255), round to nearest even, sign kept (as torch's
+    ``.to(torch.float8_e4m3fn)``). Below 2**-6 the code is the subnormal count of 2**-9 steps; above,
+    the fp32 mantissa is rounded to 3 bits and the exponent rebiased (the carry may bump the exponent)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    mag_bits = bits & 0x7FFFFFFF
+    mag = mag_bits.to(tl.float32, bitcast=True)
+    sub = rint(mag * 512.0).to(tl.uint32)
+    nrm = ((mag_bits + 0x7FFFF + ((mag_bits >> 20) & 1)) >> 20) - 960  # 960 = (127 - 7) << 3
+    return (tl.where(mag < 0.015625, sub, nrm) | sign).to(tl.int32)
+
+
+@triton.jit
+def e4m3_decode(code):
+    """E4M3 bits (int32 0..255) -> fp32 (0x7F / 0xFF are NaN)."""
+    mag = code & 0x7F
+    exp = mag >> 3
+    man = mag & 7
+    sub = man.to(tl.float32) * 0.001953125  # man * 2**-9
+    nrm = (((exp + 120) << 23) | (man << 20)).to(tl.float32, bitcast=True)
+    val = tl.where(exp == 0, sub, nrm)
+    val = tl.where(mag == 0x7F, float("nan"), val)
+    return tl.where((code & 0x80) != 0, -val, val)
+
+
+# ---- FP4 E2M1 ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def e2m1_encode(v):
+    """fp32 (already divided by its scale) -> E2M1 code 0..15 (int32), as ``reference.e2m1_encode``:
+    nearest value, ties to even, saturating at 6; the sign bit only for a non-zero magnitude. A 3-level
+    binary search over the 7 sorted thresholds (3 compares, 4 selects) that carries the candidate
+    thresholds of the chosen half forward, so no comparison result stays live across levels."""
+    mag = tl.abs(v)
+    c = mag > E2M1_T3
+    idx = tl.where(c, 4, 0)
+    h0 = tl.where(c, E2M1_T4, E2M1_T0)
+    h1 = tl.where(c, E2M1_T5, E2M1_T1)
+    h2 = tl.where(c, E2M1_T6, E2M1_T2)
+    c = mag > h1
+    idx += tl.where(c, 2, 0)
+    idx += tl.where(mag > tl.where(c, h2, h0), 1, 0)
+    return tl.where((v < 0.0) & (idx > 0), idx + 8, idx)
+
+
+@triton.jit
+def e2m1_decode(code):
+    """E2M1 code (int32 0..15) -> fp32: magnitudes 0, 0.5 (index 0, 1) and 2**(m // 2 - 1) * (1 + (m % 2) / 2)."""
+    m = code & 7
+    nrm = ((((m >> 1) + 126) << 23) | ((m & 1) << 22)).to(tl.float32, bitcast=True)
+    val = tl.where(m < 2, m.to(tl.float32) * 0.5, nrm)
+    return tl.where(code >= 8, -val, val)

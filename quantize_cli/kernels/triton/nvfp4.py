@@ -1,0 +1,176 @@
+"""Triton NVFP4 kernels: the signatures of ``reference.quantize_nvfp4`` / ``reference.dequantize_nvfp4``,
+plus ``nvfp4_global_scale`` (the per-tensor amax pass the scheme runs first).
+
+Block scale ``s = e4m3(min((amax_b / 6) / gs, 448))``; element code ``e2m1(x / (s * gs))``, 0 where
+the block scale is 0. The global scale ``gs`` is read from its 0-d tensor, so no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..constants import F4_E2M1_MAX, F8_E4M3_MAX
+from .common import (
+    check_2d,
+    e2m1_decode,
+    e2m1_encode,
+    e4m3_decode,
+    e4m3_encode,
+    interleave,
+    out_buffer,
+    out_code,
+    pack_pairs,
+    plan_tiling,
+    safe_div,
+    store_out,
+    tile_offsets,
+)
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _block_scale(amax, gs, FMAX: tl.constexpr, EMAX: tl.constexpr):
+    """Per-block (E4M3 code, decode scale code * gs) from the block amax, in the reference's order."""
+    block = tl.math.div_rn(tl.math.div_rn(amax, tl.full(amax.shape, EMAX, tl.float32)), tl.zeros_like(amax) + gs)
+    code = e4m3_encode(tl.minimum(block, FMAX))
+    return code, e4m3_decode(code) * gs
+
+
+@triton.jit
+def _encode_store(q_ptr, blocks, ok, col0, x, total, BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr):
+    codes = e2m1_encode(safe_div(x, total[:, None]))
+    offs, mask = tile_offsets(blocks, ok, col0 // 2, BLOCK // 2, BP // 2)
+    tl.store(q_ptr + offs, pack_pairs(codes, BB, BP), mask=mask)
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, q_ptr, scale_ptr, gs_ptr, n_blocks,
+    BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, NCHUNK: tl.constexpr,
+    FMAX: tl.constexpr, EMAX: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    x_ptr += pid.to(tl.int64) * (BB * BLOCK)
+    q_ptr += pid.to(tl.int64) * (BB * BLOCK // 2)
+    blocks = tl.arange(0, BB)
+    ok = blocks < n_blocks - pid * BB
+    gs = tl.load(gs_ptr)
+    if NCHUNK == 1:
+        offs, mask = tile_offsets(blocks, ok, 0, BLOCK, BP)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        code, total = _block_scale(tl.max(tl.abs(x), axis=1), gs, FMAX, EMAX)
+        _encode_store(q_ptr, blocks, ok, 0, x, total, BLOCK, BB, BP)
+    else:
+        amax = tl.zeros((BB,), tl.float32)
+        for c in range(NCHUNK):
+            offs, mask = tile_offsets(blocks, ok, c * BP, BLOCK, BP)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        code, total = _block_scale(amax, gs, FMAX, EMAX)
+        for c in range(NCHUNK):
+            offs, mask = tile_offsets(blocks, ok, c * BP, BLOCK, BP)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            _encode_store(q_ptr, blocks, ok, c * BP, x, total, BLOCK, BB, BP)
+    tl.store(scale_ptr + pid * BB + blocks, code.to(tl.uint8), mask=ok)
+
+
+@triton.jit
+def _dequantize_kernel(
+    q_ptr, scale_ptr, gs_ptr, out_ptr, n_blocks,
+    BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, OUT: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    col0 = tl.program_id(1) * BP
+    q_ptr += pid.to(tl.int64) * (BB * BLOCK // 2)
+    out_ptr += pid.to(tl.int64) * (BB * BLOCK)
+    blocks = tl.arange(0, BB)
+    ok = blocks < n_blocks - pid * BB
+    code = tl.load(scale_ptr + pid * BB + blocks, mask=ok, other=0).to(tl.int32)
+    total = e4m3_decode(code) * tl.load(gs_ptr)
+    offs, mask = tile_offsets(blocks, ok, col0 // 2, BLOCK // 2, BP // 2)
+    p = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
+    values = interleave(e2m1_decode(p >> 4), e2m1_decode(p & 15), BB, BP)
+    offs, mask = tile_offsets(blocks, ok, col0, BLOCK, BP)
+    store_out(out_ptr, offs, mask, values * total[:, None], OUT)
+
+
+@triton.jit
+def _absmax_partial_kernel(x_ptr, partial_ptr, n, TILE: tl.constexpr, ITERS: tl.constexpr):
+    """partial[pid] = max |x| over ITERS consecutive tiles (no atomics: a second pass reduces them)."""
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * (TILE * ITERS)
+    acc = tl.zeros((TILE,), tl.float32)
+    for i in range(ITERS):
+        offs = base + i * TILE + tl.arange(0, TILE)
+        acc = tl.maximum(acc, tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)))
+    tl.store(partial_ptr + pid, tl.max(acc, axis=0))
+
+
+@triton.jit
+def _global_scale_kernel(partial_ptr, gs_ptr, n, WIDTH: tl.constexpr, DEN: tl.constexpr):
+    """gs = max(partials) / (448 * 6), 1 where that is 0 (``reference.nvfp4_global_scale``)."""
+    acc = tl.zeros((WIDTH,), tl.float32)
+    for start in range(0, n, WIDTH):
+        offs = start + tl.arange(0, WIDTH)
+        acc = tl.maximum(acc, tl.load(partial_ptr + offs, mask=offs < n, other=0.0))
+    gs = tl.math.div_rn(tl.max(acc, axis=0), DEN)
+    tl.store(gs_ptr, tl.where(gs == 0.0, 1.0, gs))
+
+
+# ---- host side --------------------------------------------------------------------------------------------
+
+_GS_TILE, _GS_ITERS = 4096, 8
+
+
+def nvfp4_global_scale(x: Tensor) -> Tensor:
+    """Per-tensor decode scale ``amax / (448 * 6)`` as a 0-d fp32 tensor (1 for an all-zero tensor), in
+    two launches and no host sync; equal to ``reference.nvfp4_global_scale``."""
+    flat = x.contiguous().reshape(-1)
+    n = flat.numel()
+    programs = max(1, triton.cdiv(n, _GS_TILE * _GS_ITERS))
+    partial = torch.empty(programs, dtype=torch.float32, device=x.device)
+    gs = torch.empty((), dtype=torch.float32, device=x.device)
+    _absmax_partial_kernel[(programs,)](flat, partial, n, TILE=_GS_TILE, ITERS=_GS_ITERS, num_warps=8)
+    _global_scale_kernel[(1,)](partial, gs, programs, WIDTH=1024, DEN=F8_E4M3_MAX * F4_E2M1_MAX, num_warps=4)
+    return gs
+
+
+def quantize_nvfp4(x: Tensor, block_size: int, global_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, cols) float -> (packed E2M1 codes uint8 (rows, cols // 2), block scales float8_e4m3fn
+    (rows, cols // block_size)); bit-identical to ``reference.quantize_nvfp4``."""
+    check_2d(x, block_size)
+    if block_size % 2:
+        raise ValueError(f"4-bit codes pack in pairs: block_size {block_size} must be even")
+    rows, cols = x.shape
+    x = x.contiguous()
+    gs = global_scale.to(device=x.device, dtype=torch.float32).reshape(1)
+    q = torch.empty((rows, cols // 2), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((rows, cols // block_size), dtype=torch.float8_e4m3fn, device=x.device)
+    t = plan_tiling(x.numel(), block_size)
+    if t.n_blocks:
+        _quantize_kernel[t.grid](
+            x, q, scale.view(torch.uint8), gs, t.n_blocks,
+            BLOCK=block_size, BB=t.blocks_per_program, BP=t.width, NCHUNK=t.chunks,
+            FMAX=F8_E4M3_MAX, EMAX=F4_E2M1_MAX, num_warps=t.num_warps,
+        )  # fmt: skip
+    return q, scale
+
+
+def dequantize_nvfp4(qdata: Tensor, scale: Tensor, global_scale: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:
+    """e2m1 value * (e4m3 scale * gs) cast to ``dtype``, as ``reference.dequantize_nvfp4``."""
+    rows, width = qdata.shape
+    cols = width * 2
+    if block_size <= 0 or cols % block_size:
+        raise ValueError(f"block_size {block_size} must divide the {cols} columns")
+    out, target = out_buffer((rows, cols), dtype, qdata.device)
+    gs = global_scale.to(device=qdata.device, dtype=torch.float32).reshape(1)
+    t = plan_tiling(rows * cols, block_size, dequant=True)
+    if t.n_blocks:
+        _dequantize_kernel[(t.grid[0], t.chunks)](
+            qdata.contiguous(), scale.contiguous().view(torch.uint8), gs, target, t.n_blocks,
+            BLOCK=block_size, BB=t.blocks_per_program, BP=t.width, OUT=out_code(dtype), num_warps=t.num_warps,
+        )  # fmt: skip
+    return out

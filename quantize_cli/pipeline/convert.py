@@ -1,0 +1,352 @@
+"""Stream a checkpoint through the plan into a quanta folder: read one tensor, quantize, write, repeat.
+
+Peak memory is one source tensor plus its quantized form (shards are written in place at planned
+offsets). The folder is built in a hidden sibling and renamed at the end; each finished shard is
+recorded in a progress file there, so ``resume=True`` continues a killed run and produces the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from ..api import quantize
+from ..errors import QuantaError
+from ..format import FORMAT, FORMAT_VERSION, MAP_FILE, map_entry, state_to_tensors
+from .inspect import human_bytes
+from .plan import Plan, TensorPlan, make_plan
+from .recipe import Recipe, build_recipe
+from .source import PICKLE_INDEX, PICKLE_SUFFIXES, Source, SourceReader, resolve_source
+from .writer import INDEX_FILE, ShardWriter, Staging, index_json, parse_size, shard_names, write_json
+
+PROGRESS_FILE = ".quanta-progress.json"
+METHOD = "naive"
+# Not copied from the source folder: weights (we write our own), their indexes, and the config (rewritten).
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".partial")
+_SKIP_NAMES = {"config.json", INDEX_FILE, PICKLE_INDEX, MAP_FILE}
+_log = logging.getLogger("quanta")
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion wrote; sizes are tensor bytes (headers excluded)."""
+
+    out: Path
+    source: str
+    revision: str | None
+    recipe: dict[str, Any]
+    tensors: int
+    quantized: int
+    params: int
+    params_quantized: int
+    bytes_in: int
+    bytes_out: int
+    bytes_quantized: int
+    shards: int
+    resumed_shards: int
+    seconds: float
+    how: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per quantized weight (codes + scales)."""
+        return 8 * self.bytes_quantized / max(1, self.params_quantized)
+
+    @property
+    def bits_per_param(self) -> float:
+        """Stored bits per parameter over the whole model, unquantized tensors included."""
+        return 8 * self.bytes_out / max(1, self.params)
+
+    def summary(self) -> list[tuple[str, str]]:
+        """(label, value) rows for the end-of-run summary."""
+        resumed = f" ({self.resumed_shards} resumed)" if self.resumed_shards else ""
+        ratio = self.bytes_out / max(1, self.bytes_in)
+        return [
+            ("recipe", f"{self.recipe['name']} (scheme {self.recipe['scheme']}, {len(self.recipe['rules'])} rule(s))"),
+            (
+                "quantized",
+                f"{self.quantized} of {self.tensors} tensors ({self.params_quantized:,} of {self.params:,} params)",
+            ),
+            ("size", f"{human_bytes(self.bytes_in)} -> {human_bytes(self.bytes_out)} ({ratio:.3f}x)"),
+            ("bits/weight", f"{self.bits_per_weight:.3f} quantized, {self.bits_per_param:.3f} over all params"),
+            ("shards", f"{self.shards}{resumed}"),
+            ("time", f"{self.seconds:.1f} s"),
+        ]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise QuantaError(f"--device {device}: no CUDA device is available (use --device cpu)")
+        return torch.device(device)
+    raise QuantaError(f"unknown device {device!r}; valid: auto, cpu, cuda")
+
+
+def convert(
+    model: str,
+    scheme: str | None = None,
+    block_size: int | None = None,
+    recipe: str | Path | None = None,
+    ignore: Iterable[str] = (),
+    out: str | Path | None = None,
+    device: str = "auto",
+    max_shard_size: str | int = "2GB",
+    overwrite: bool = False,
+    resume: bool = False,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    log: Log | None = None,
+) -> ConvertResult:
+    """Convert ``model`` (hub id, folder or .safetensors file) into a quanta folder; see DESIGN §1, §3, §6.
+
+    ``scheme``/``block_size``/``ignore`` build a recipe or override ``recipe`` (a YAML file). ``out``
+    defaults to ``<model name>-<scheme or recipe name>`` in the working directory. ``log`` receives
+    warnings (default: the ``quanta`` logger).
+    """
+    log = log or _log.warning
+    started = time.perf_counter()
+    used = build_recipe(recipe, scheme, block_size, tuple(ignore))
+    dev = resolve_device(device)
+    max_bytes = parse_size(max_shard_size)
+    source = resolve_source(model, revision, allow_pickle)
+    if source.config and source.config.get("quantization_config"):
+        method = source.config["quantization_config"].get("quant_method", "?")
+        raise QuantaError(f"{model} is already quantized (quant_method {method}); convert a full-precision model")
+    staging = Staging(Path(out) if out is not None else Path.cwd() / f"{source.name}-{used.name}")
+    staging.check_target(overwrite)
+    plan = make_plan(source, used, max_bytes)
+    for w in plan.warnings:
+        log(w)
+    fingerprint = _fingerprint(source, used, plan, max_bytes)
+    done = _prepare(staging, fingerprint, resume, log)
+    try:
+        resumed = len(done)
+        _write_shards(plan, source, staging.tmp, dev, done, fingerprint, progress)
+        _finish(staging.tmp, source, used, plan, done)
+        staging.publish()
+    except KeyboardInterrupt:
+        raise QuantaError(
+            f"interrupted; finished shards are kept in {staging.tmp}: run the same command with --resume to continue"
+        ) from None
+    except BaseException:
+        staging.discard()
+        raise
+    return _result(staging.target, source, used, plan, resumed, time.perf_counter() - started)
+
+
+def _fingerprint(source: Source, recipe: Recipe, plan: Plan, max_bytes: int) -> str:
+    """A hash of everything that decides the output bytes: source files, recipe, plan, shard budget."""
+    from .. import __version__
+
+    key = [
+        __version__,
+        source.model,
+        source.revision,
+        source.fingerprint(),
+        recipe.to_dict(),
+        plan.describe(),
+        max_bytes,
+    ]
+    return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
+
+
+def _prepare(staging: Staging, fingerprint: str, resume: bool, log: Log) -> dict[str, Any]:
+    """Create the staging folder; with ``resume``, return the finished shards recorded there."""
+    progress_path = staging.tmp / PROGRESS_FILE
+    if staging.tmp.exists() and resume and progress_path.is_file():
+        record = json.loads(progress_path.read_text())
+        if record.get("fingerprint") != fingerprint:
+            raise QuantaError(
+                f"cannot resume: {staging.tmp} holds an unfinished run of another model, recipe or shard size; "
+                "run without --resume to start over"
+            )
+        done = {name: info for name, info in record["done"].items() if _shard_intact(staging.tmp / name, info)}
+        log(f"resuming: {len(done)} finished shard(s) found in {staging.tmp}")
+        return done
+    if staging.tmp.exists():
+        log(f"discarding an unfinished earlier run in {staging.tmp}" + ("" if resume else " (--resume continues one)"))
+        shutil.rmtree(staging.tmp)
+    elif resume:
+        log(f"nothing to resume in {staging.tmp}; starting from the beginning")
+    staging.tmp.mkdir()
+    write_json(progress_path, {"fingerprint": fingerprint, "done": {}})
+    return {}
+
+
+def _shard_intact(path: Path, info: dict[str, Any]) -> bool:
+    return path.is_file() and path.stat().st_size == info["size"]
+
+
+def _progress(enabled: bool) -> Progress:
+    """Tensors, bytes, rate, ETA on stderr; only on a terminal (in logs it would be noise)."""
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[tensors]} tensors"),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+        transient=True,  # the summary replaces the bar; an error stays the only line on stderr
+    )
+
+
+def _write_shards(
+    plan: Plan, source: Source, tmp: Path, dev: torch.device, done: dict[str, Any], fingerprint: str, show: bool
+) -> None:
+    """Write every shard not in ``done``, recording each in the progress file as it completes."""
+    names = shard_names(len(plan.shards))
+    total = sum(tp.info.nbytes for tp in plan.tensors.values())
+    stop_after = int(os.environ.get("QUANTA_TEST_STOP_AFTER_SHARDS", "0"))  # tests: simulate a kill
+    with _progress(show) as bar, SourceReader(source) as reader:
+        task = bar.add_task("converting", total=total, tensors=f"0/{len(plan.tensors)}")
+        count = 0
+        for k, shard in enumerate(plan.shards):
+            if names[k] in done:
+                count += len(shard)
+                bar.update(
+                    task,
+                    advance=sum(plan.tensors[n].info.nbytes for n in shard),
+                    tensors=f"{count}/{len(plan.tensors)}",
+                )
+                continue
+            entries: dict[str, Any] = {}
+            with ShardWriter(tmp / names[k], plan.shard_specs(k)) as writer:
+                for name in shard:
+                    tp = plan.tensors[name]
+                    tensors, entry = _convert_tensor(tp, reader.get(name), dev)
+                    for out_name, t in tensors.items():
+                        writer.write(out_name, t)
+                    if entry is not None:
+                        entries[name] = entry
+                    count += 1
+                    bar.update(task, advance=tp.info.nbytes, tensors=f"{count}/{len(plan.tensors)}")
+            done[names[k]] = {"size": (tmp / names[k]).stat().st_size, "entries": entries}
+            write_json(tmp / PROGRESS_FILE, {"fingerprint": fingerprint, "done": done})
+            if stop_after and len(done) >= stop_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _convert_tensor(
+    tp: TensorPlan, tensor: torch.Tensor, dev: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(output tensors on the CPU, map entry or None) for one source tensor."""
+    if tp.target is None:
+        return {tp.name: tensor}, None
+    t = tp.target
+    try:
+        state = quantize(tensor.to(dev), t.scheme, t.block_size, backend="auto", **t.kwargs)
+    except ValueError as exc:
+        raise QuantaError(f"cannot quantize tensor {tp.name} ({tp.info.file.name}): {exc}") from None
+    tensors = {k: v.to("cpu") for k, v in state_to_tensors(tp.name, state).items()}
+    return tensors, map_entry(state, METHOD, **t.kwargs)
+
+
+def _quantization_map(source: Source, recipe: Recipe, entries: dict[str, Any]) -> dict[str, Any]:
+    from .. import __version__
+
+    params = sum(_numel(t.shape) for t in source.tensors.values())
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "quanta_version": __version__,
+        "source": {"model": source.model, "revision": source.revision, "bytes": source.nbytes, "params": params},
+        "recipe": recipe.to_dict(),
+        "tensors": dict(sorted(entries.items())),
+    }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _finish(tmp: Path, source: Source, recipe: Recipe, plan: Plan, done: dict[str, Any]) -> None:
+    """Index, quantization map, config with ``quantization_config``, copied tokenizer/config files."""
+    if len(plan.shards) > 1:
+        outputs = [list(plan.shard_specs(k)) for k in range(len(plan.shards))]
+        write_json(tmp / INDEX_FILE, index_json(outputs, plan.specs))
+    entries = {n: e for info in done.values() for n, e in info["entries"].items()}
+    write_json(tmp / MAP_FILE, _quantization_map(source, recipe, entries))
+    if source.root is not None:
+        _copy_side_files(source.root, tmp)
+    if source.config is not None:
+        from .. import __version__
+
+        config = dict(source.config)
+        config["quantization_config"] = {
+            "quant_method": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "map": MAP_FILE,
+            "quanta_version": __version__,
+            "scheme": recipe.scheme,
+        }
+        write_json(tmp / "config.json", config)
+    (tmp / PROGRESS_FILE).unlink()
+
+
+def _copy_side_files(root: Path, dest: Path) -> None:
+    """Copy tokenizer files, generation config, chat template etc. unchanged (weights and hidden files skipped)."""
+    for src in sorted(root.rglob("*")):
+        rel = src.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not src.is_file():
+            continue
+        if src.suffix in _SKIP_SUFFIXES + PICKLE_SUFFIXES or (len(rel.parts) == 1 and src.name in _SKIP_NAMES):
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest / rel)
+
+
+def _result(out: Path, source: Source, recipe: Recipe, plan: Plan, resumed: int, seconds: float) -> ConvertResult:
+    quantized = plan.quantized
+    return ConvertResult(
+        out=out,
+        source=source.model,
+        revision=source.revision,
+        recipe=recipe.to_dict(),
+        tensors=len(plan.tensors),
+        quantized=len(quantized),
+        params=sum(_numel(tp.info.shape) for tp in plan.tensors.values()),
+        params_quantized=sum(_numel(tp.info.shape) for tp in quantized),
+        bytes_in=source.nbytes,
+        bytes_out=sum(tp.nbytes_out for tp in plan.tensors.values()),
+        bytes_quantized=sum(tp.nbytes_out for tp in quantized),
+        shards=len(plan.shards),
+        resumed_shards=resumed,
+        seconds=seconds,
+        how=plan.how,
+        warnings=plan.warnings,
+    )

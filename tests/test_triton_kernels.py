@@ -1,0 +1,296 @@
+"""Triton kernels equal the reference bit for bit: codes, scales, zero points and dequantized values.
+
+Runs on CUDA when there is one, else on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``,
+exported before Python starts, as CI does); skipped when neither is available. Shapes stay small so
+the interpreter runs the whole module in well under a minute.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from quantize_cli import dequantize, quantize
+from quantize_cli.kernels import ops, reference
+from quantize_cli.kernels.constants import E2M1_BOUNDS, FP4_CODEBOOK, NF4_CODEBOOK, codebook_tensor, nf8_codebook
+
+pytest.importorskip("triton")
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not (_INTERPRETED or torch.cuda.is_available()):
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set before Python starts)", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (scheme, options): every format, int4 both ways.
+SCHEMES = [
+    ("nf4", {}),
+    ("fp4", {}),
+    ("nf8", {}),
+    ("int8", {}),
+    ("int4", {}),
+    ("int4", {"symmetric": False}),
+    ("fp8", {}),
+    ("nvfp4", {}),
+    ("mxfp4", {}),
+]
+SCHEME_IDS = [name + ("-asym" if opts else "") for name, opts in SCHEMES]
+
+
+def _bits(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Exact comparison view: float8 as its bytes (torch.equal on float8 is not bitwise everywhere)."""
+    if t is None:
+        return None
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def assert_same_state(x: torch.Tensor, scheme: str, block_size: int | None = None, **opts) -> None:
+    """Triton and reference agree exactly on every stored tensor and on the dequantized output."""
+    ref = quantize(x, scheme, block_size=block_size, backend="reference", **opts)
+    tri = quantize(x, scheme, block_size=block_size, backend="triton", **opts)
+    for field in ("qdata", "scale", "global_scale", "zero_point"):
+        a, b = _bits(getattr(tri, field)), _bits(getattr(ref, field))
+        assert (a is None) == (b is None), field
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, field
+            assert torch.equal(a, b), f"{scheme} {field}: {(a != b).sum().item()} of {a.numel()} differ"
+    out_tri = dequantize(tri, backend="triton")
+    out_ref = dequantize(ref, backend="reference")
+    assert out_tri.dtype == out_ref.dtype == x.dtype and out_tri.shape == x.shape
+    assert torch.equal(out_tri, out_ref), f"{scheme} dequantize: {(out_tri != out_ref).sum().item()} differ"
+
+
+def _weights(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Normal weights with an all-zero block, a negative absmax and a wide dynamic range."""
+    x = torch.randn(shape) * torch.logspace(-3, 3, shape[-1])
+    flat = x.reshape(-1)
+    flat[:64] = 0.0
+    flat[70] = -1.5 * flat[64:128].abs().max()
+    return x.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize(("scheme", "opts"), SCHEMES, ids=SCHEME_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 200), (2, 3, 256), (700,)], ids=str)
+def test_matches_reference(scheme: str, opts: dict, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """Several rows, a last dimension the default block does not divide (padded), N-D and 1-D inputs."""
+    assert_same_state(_weights(shape, dtype), scheme, **opts)
+
+
+@pytest.mark.parametrize(("scheme", "opts"), SCHEMES, ids=SCHEME_IDS)
+@pytest.mark.parametrize(
+    ("shape", "block"),
+    [((5, 96), 48), ((3, 330), 330), ((2, 9000), 9000)],
+    ids=["block48", "per-row330", "per-row9000-chunked"],
+)
+def test_block_sizes(scheme: str, opts: dict, shape: tuple[int, int], block: int) -> None:
+    """A block that is not a power of two, one scale per row, and a row wider than one tile (walked in
+    chunks: statistics pass, then encode pass)."""
+    assert_same_state(_weights(shape, torch.float16), scheme, block_size=block, **opts)
+
+
+@pytest.mark.parametrize(("scheme", "opts"), SCHEMES, ids=SCHEME_IDS)
+def test_extreme_magnitudes(scheme: str, opts: dict) -> None:
+    """fp32 subnormals, tiny and huge blocks: scales near the ends of every format's range."""
+    rows = [
+        torch.full((64,), 1e-40),
+        torch.linspace(-3e-39, 2e-39, 64),
+        torch.linspace(-1e-30, 1e-30, 64),
+        torch.linspace(-3e30, 1e30, 64),
+        torch.randn(64) * 1e-20,
+    ]
+    assert_same_state(torch.stack(rows).to(DEVICE), scheme, block_size=64, **opts)
+
+
+# ---- rounding ties and thresholds, worked out from the format tables ---------------------------------------
+
+
+def _next_floats(v: torch.Tensor) -> torch.Tensor:
+    """v and its fp32 neighbours on both sides."""
+    return torch.cat([v, torch.nextafter(v, v + 1), torch.nextafter(v, v - 1)])
+
+
+@pytest.mark.parametrize("values", [NF4_CODEBOOK, FP4_CODEBOOK, nf8_codebook()], ids=["nf4", "fp4", "nf8"])
+def test_codebook_midpoint_ties(values: tuple[float, ...]) -> None:
+    """Scaled values exactly on (and one fp32 step either side of) every midpoint: a block whose absmax
+    is 1 scales by exactly 1, so the kernel sees these values unchanged."""
+    bounds, _ = reference.codebook_search_tables(codebook_tensor(values))
+    v = _next_floats(bounds).clamp(-1, 1)
+    block = 64
+    pad = (-v.numel()) % (block - 1)
+    v = torch.cat([v, torch.zeros(pad)]).reshape(-1, block - 1)
+    x = torch.cat([torch.ones(v.shape[0], 1), v], dim=1).to(DEVICE)  # each block's absmax is 1
+    cb = codebook_tensor(values, DEVICE)
+    pack = len(values) == 16
+    q_ref, s_ref = reference.quantize_codebook(x, block, cb, pack)
+    q_tri, s_tri = ops.resolve("quantize_codebook", "triton", x.device)(x, block, cb, pack)
+    assert torch.equal(q_tri, q_ref) and torch.equal(s_tri, s_ref)
+
+
+def _e4m3_values() -> torch.Tensor:
+    """Every finite non-negative E4M3 value, ascending."""
+    codes = torch.arange(0, 127, dtype=torch.uint8)
+    return codes.view(torch.float8_e4m3fn).float()
+
+
+def test_fp8_e4m3_rounding_every_midpoint() -> None:
+    """Every E4M3 value, every midpoint between neighbours (ties to even) and one fp32 step either side,
+    both signs, subnormals included. absmax 448 makes the block scale exactly 1."""
+    vals = _e4m3_values()
+    mids = (vals[:-1] + vals[1:]) / 2
+    v = torch.cat([vals, _next_floats(mids)]).clamp(max=448.0)
+    v = torch.cat([v, -v])
+    block = 128
+    pad = (-v.numel()) % (block - 1)
+    v = torch.cat([v, torch.zeros(pad)]).reshape(-1, block - 1)
+    x = torch.cat([torch.full((v.shape[0], 1), 448.0), v], dim=1).to(DEVICE)
+    q_tri, s_tri = ops.resolve("quantize_fp8", "triton", x.device)(x, block)
+    q_ref, s_ref = reference.quantize_fp8(x, block)
+    assert torch.equal(s_tri, torch.ones_like(s_tri))
+    assert torch.equal(q_tri.view(torch.uint8), q_ref.view(torch.uint8))
+    # and decode: every code back to its value
+    out = ops.resolve("dequantize_fp8", "triton", x.device)(q_tri, s_tri, block, torch.float32)
+    assert torch.equal(out, q_ref.float())
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+def test_e2m1_thresholds(scheme: str) -> None:
+    """Element magnitudes on each E2M1 decision bound and one fp32 step either side, both signs, with a
+    block scale of exactly 1 (NVFP4: amax 6 and global scale 1; MXFP4: amax in [4, 8))."""
+    bounds = torch.tensor(E2M1_BOUNDS)
+    v = _next_floats(torch.cat([bounds, torch.tensor([0.0, 0.5, 6.0, 7.0])]))
+    v = torch.cat([v, -v])
+    block = 16 if scheme == "nvfp4" else 32
+    pad = (-v.numel()) % (block - 1)
+    v = torch.cat([v, torch.zeros(pad)]).reshape(-1, block - 1).clamp(-6, 6)
+    x = torch.cat([torch.full((v.shape[0], 1), 6.0), v], dim=1).to(DEVICE)
+    opts = {"global_scale": torch.tensor(1.0, device=DEVICE)} if scheme == "nvfp4" else {}
+    assert_same_state(x, scheme, block_size=block, **opts)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int_round_half_to_even(bits: int) -> None:
+    """x / s landing exactly on k + 0.5 rounds to even (torch.round), both signs."""
+    qmax = 2 ** (bits - 1) - 1
+    halves = torch.arange(-qmax, qmax, dtype=torch.float32) + 0.5
+    x = torch.cat([torch.tensor([float(qmax)]), halves, torch.zeros(64 - 1 - halves.numel() % 64)])
+    x = x[: (x.numel() // 64) * 64].reshape(-1, 64)
+    x[:, 0] = float(qmax)  # scale exactly 1 in every block
+    assert_same_state(x.to(DEVICE), f"int{bits}", block_size=64)
+
+
+def test_nvfp4_global_scale_matches_reference() -> None:
+    fn = ops.resolve("nvfp4_global_scale", "triton", torch.device(DEVICE))
+    for x in [torch.randn(300, 70) * 5, torch.zeros(10, 16), torch.randn(40000) * 1e-3]:
+        x = x.to(DEVICE)
+        assert torch.equal(fn(x), reference.nvfp4_global_scale(x))
+    x = torch.randn(33, 48, dtype=torch.bfloat16, device=DEVICE)
+    assert torch.equal(fn(x), reference.nvfp4_global_scale(x))
+
+
+# ---- the custom ops ---------------------------------------------------------------------------------------------
+
+
+ALL_OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _op_samples() -> list[tuple[str, tuple]]:
+    x = torch.randn(4, 64, device=DEVICE, dtype=torch.float16)
+    nf4 = codebook_tensor(NF4_CODEBOOK, DEVICE)
+    nf8 = codebook_tensor(nf8_codebook(), DEVICE)
+    gs = reference.nvfp4_global_scale(x)
+    q4, s4 = reference.quantize_codebook(x, 32, nf4, True)
+    q8, s8 = reference.quantize_codebook(x, 32, nf8, False)
+    qi, si, _ = reference.quantize_int(x, 32, 8, True)
+    qa, sa, za = reference.quantize_int(x, 32, 4, False)
+    qf, sf = reference.quantize_fp8(x, 32)
+    qn, sn = reference.quantize_nvfp4(x, 16, gs)
+    qm, sm = reference.quantize_mxfp4(x, 32)
+    return [
+        ("quantize_codebook", (x, 32, nf4, True)),
+        ("quantize_codebook", (x, 32, nf8, False)),
+        ("dequantize_codebook", (q4, s4, nf4, 32, True, torch.bfloat16)),
+        ("dequantize_codebook", (q8, s8, nf8, 32, False, torch.float32)),
+        ("quantize_int", (x, 32, 8, True)),
+        ("quantize_int", (x, 32, 4, False)),
+        ("dequantize_int", (qi, si, None, 32, 8, torch.float16)),
+        ("dequantize_int", (qa, sa, za, 32, 4, torch.float32)),
+        ("quantize_fp8", (x, 32)),
+        ("dequantize_fp8", (qf, sf, 32, torch.float16)),
+        ("nvfp4_global_scale", (x,)),
+        ("quantize_nvfp4", (x, 16, gs)),
+        ("dequantize_nvfp4", (qn, sn, gs, 16, torch.bfloat16)),
+        ("quantize_mxfp4", (x, 32)),
+        ("dequantize_mxfp4", (qm, sm, 32, torch.float16)),
+    ]
+
+
+@pytest.mark.parametrize(("name", "args"), _op_samples(), ids=lambda v: v if isinstance(v, str) else "")
+def test_custom_op_opcheck(name: str, args: tuple) -> None:
+    """Schema, fake (meta) implementation and dispatch of every quanta:: op (torch.library.opcheck)."""
+    ops.has_triton(name)  # registers the ops
+    utils = ALL_OPCHECKS
+    if any(isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn for a in args):
+        # SchemaCheckMode compares inputs before/after with allclose, which has no float8 kernel on the CPU.
+        utils = tuple(u for u in utils if u != "test_schema")
+    torch.library.opcheck(getattr(torch.ops.quanta, name), args, test_utils=utils)
+
+
+def test_ops_table_holds_custom_ops() -> None:
+    from quantize_cli.kernels.library import TRITON_OPS  # noqa: PLC0415
+
+    assert set(TRITON_OPS) <= set(ops.REFERENCE)
+    assert all(ops.has_triton(name) for name in TRITON_OPS)
+    assert ops.resolve("quantize_fp8", "triton", torch.device(DEVICE)) is torch.ops.quanta.quantize_fp8
+
+
+def test_torch_compile_sees_one_op() -> None:
+    """The fake implementations let torch.compile trace through the ops without graph breaks."""
+    fn = ops.resolve("quantize_mxfp4", "triton", torch.device(DEVICE))
+    deq = ops.resolve("dequantize_mxfp4", "triton", torch.device(DEVICE))
+
+    def roundtrip(x: torch.Tensor) -> torch.Tensor:
+        q, s = fn(x, 32)
+        return deq(q, s, 32, torch.float32)
+
+    x = torch.randn(8, 64, device=DEVICE)
+    compiled = torch.compile(roundtrip, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), roundtrip(x))
+
+
+# ---- refusals ------------------------------------------------------------------------------------------------
+
+
+def test_bad_arguments_are_refused() -> None:
+    x = torch.randn(2, 64, device=DEVICE)
+    nf8 = codebook_tensor(nf8_codebook(), DEVICE)
+    with pytest.raises(ValueError, match="divide"):
+        ops.resolve("quantize_fp8", "triton", x.device)(x, 48)
+    with pytest.raises(ValueError, match="16 values"):
+        ops.resolve("quantize_codebook", "triton", x.device)(x, 64, nf8, True)
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        ops.resolve("quantize_int", "triton", x.device)(x, 64, 6, True)
+    with pytest.raises(ValueError, match="asymmetric"):
+        ops.resolve("quantize_int", "triton", x.device)(x, 64, 8, False)
+    q, s = reference.quantize_fp8(x, 64)
+    with pytest.raises(ValueError, match="float64"):
+        ops.resolve("dequantize_fp8", "triton", x.device)(q, s, 64, torch.float64)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU-only: the refusal of forced Triton without the interpreter")
+def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        ops.resolve("quantize_fp8", "triton", torch.device("cpu"))
+    assert ops.resolve("quantize_fp8", "auto", torch.device("cpu")) is reference.quantize_fp8
+
+
+def test_e2m1_strict_thresholds_are_one_step_below_the_odd_bounds() -> None:
+    """The kernels' '>' thresholds equal the reference's '>=' on odd-index bounds."""
+    from quantize_cli.kernels.triton.common import _T  # noqa: PLC0415
+
+    for i, (t, b) in enumerate(zip(_T, E2M1_BOUNDS, strict=True)):
+        want = np.nextafter(np.float32(b), np.float32(0)) if i % 2 else np.float32(b)
+        assert np.float32(t) == want
