@@ -217,12 +217,13 @@ N_SETS = 4  # input sets rotated through in graph timing (4 x 25 MB of nf4 codes
 def measure(k: Kernel, impl: str, x: Tensor, bw: float, smoke: bool, rep_ms: int, with_mae: bool) -> Row:
     """Time one kernel pair on ``x``; bytes = x + stored tensors each way (bitsandbytes: codes + absmax).
 
-    quanta and bitsandbytes: CUDA-graph replays over ``N_SETS`` copies of the input (device time);
-    the eager reference (milliseconds, device-bound): ``do_bench``."""
+    quanta: CUDA-graph replays over ``N_SETS`` copies of the input (device time). bitsandbytes (which
+    copies host tensors or launches off the capturing stream, so it cannot be graph-captured) and the
+    eager reference (both device-bound at these sizes): ``do_bench``."""
     parts = k.quantize(x)
     stored = nbytes(parts[0], parts[1].absmax) if impl == "bitsandbytes" else nbytes(*parts)
     moved = nbytes(x) + stored  # quantize reads x, writes the parts; dequantize the reverse
-    if impl == "reference" or smoke:
+    if impl != "quanta" or smoke:
         q_us = bench_us(lambda: k.quantize(x), smoke, rep_ms)
         d_us = bench_us(lambda: k.dequantize(parts, x.dtype), smoke, rep_ms)
     else:
@@ -335,7 +336,8 @@ def markdown(res: dict) -> str:
         "floor = (bytes read + bytes written) / that bandwidth; ratio = measured / floor (target <= 1.3).",
         "µs per call: device time of the kernel-level ops that `quantize(..., backend=)` dispatches to, from",
         f"CUDA-graph replays rotating over {N_SETS} input copies (no host overhead, no L2 reuse; median of 7",
-        "replays of 3 x 4 calls); the eager reference with `triton.testing.do_bench` (median, L2 flushed).",
+        "replays of 3 x 4 calls); bitsandbytes (not graph-capturable) and the eager reference with",
+        "`triton.testing.do_bench` (median, L2 flushed between calls).",
         "The public API adds an isfinite check of the input (one more read) and the custom-op dispatch.",
         "",
         "| scheme | shape | dtype | quantize µs | GB/s | ratio | dequantize µs | GB/s | ratio | eager ref q / d µs |",
@@ -419,21 +421,23 @@ def plots(res: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(16, 5))
-    cases = [r for r in rows if r["impl"] == "quanta"]
-    labels = [f"{r['scheme']}\n{r['shape']}\n{r['dtype']}" for r in cases]
-    xs = list(range(len(cases)))
-    ax.bar([i - 0.2 for i in xs], [r["q_ratio"] for r in cases], 0.4, label="quantize")
-    ax.bar([i + 0.2 for i in xs], [r["d_ratio"] for r in cases], 0.4, label="dequantize")
-    ax.axhline(1.3, color="red", linestyle="--", label="1.3x target")
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(xs, labels, fontsize=5)
-    ax.set_ylabel("measured / floor")
-    ax.set_title(f"Ratio to the memory floor ({res['device']}, copy {res['copy_gbps']:,.0f} GB/s)")
-    ax.legend()
+    cases = list(dict.fromkeys((r["shape"], r["dtype"]) for r in rows if r["impl"] == "quanta"))
+    fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 4.5), sharey=True, squeeze=False)
+    for ax, (shape, dtype) in zip(axes[0], cases, strict=True):
+        case = [r for r in rows if r["impl"] == "quanta" and r["shape"] == shape and r["dtype"] == dtype]
+        xs = list(range(len(case)))
+        ax.bar([i - 0.2 for i in xs], [r["q_ratio"] for r in case], 0.4, label="quantize")
+        ax.bar([i + 0.2 for i in xs], [r["d_ratio"] for r in case], 0.4, label="dequantize")
+        ax.axhline(1.3, color="red", linestyle="--", label="1.3x target")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(xs, [r["scheme"].replace(" (gs given)", "\n(gs given)") for r in case], rotation=60, fontsize=8)
+        ax.set_title(f"{shape} {dtype}", fontsize=10)
+    axes[0][0].set_ylabel("measured / floor")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Ratio to the memory floor ({res['device']}, copy {res['copy_gbps']:,.0f} GB/s)")
     fig.tight_layout()
     paths.append(out / "kernels_ratio.png")
-    fig.savefig(paths[-1], dpi=130)
+    fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
 
@@ -444,13 +448,17 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition time per measurement")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     parser.add_argument("--sweep", action="store_true", help="only sweep tile sizes and warps (GPU)")
+    parser.add_argument("--replot", type=Path, help="rebuild kernels.md and the plots from a kernels.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         (args.out / "sweep.json").write_text(json.dumps(sweep(args), indent=1))
         return
-    res = run(args)
-    (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+    if args.replot:
+        res = json.loads(args.replot.read_text())
+    else:
+        res = run(args)
+        (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
     (args.out / "kernels.md").write_text(md)
     for p in plots(res, args.out):

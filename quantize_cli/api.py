@@ -27,6 +27,14 @@ def check_block_size(scheme: Scheme, block_size: int | None) -> int | None:
     return block_size
 
 
+def _row_block(scheme: Scheme, block_size: int | None, x: Tensor) -> int:
+    """The block of a per-row scheme: the whole last dimension."""
+    cols = x.shape[-1] if x.dim() else 1
+    if block_size not in (None, cols):
+        raise ValueError(f"{scheme.name} uses one scale per row; block_size must be None (got {block_size})")
+    return cols
+
+
 def _check_input(x: Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
@@ -68,8 +76,8 @@ def quantize(
         raise ValueError(f"scheme {spec.name} takes no option(s) {', '.join(sorted(unknown))}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    block = check_block_size(spec, block_size)
     _check_input(x)
+    block = _row_block(spec, block_size, x) if spec.per_row else check_block_size(spec, block_size)
     parts = spec.quantize_fn(_as_rows(x, block), block, backend, options)
     return QuantState(
         qdata=parts.qdata,

@@ -96,7 +96,7 @@ def schemes() -> None:
             s.name,
             ", ".join(s.aliases) or "-",
             f"{s.bits_per_weight():g}",
-            str(s.default_block_size or "-"),
+            "row" if s.per_row else str(s.default_block_size or "-"),
             "yes" if s.needs_calibration else "no",
             "yes" if triton_ok else "no",
             s.description,

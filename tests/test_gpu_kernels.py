@@ -10,7 +10,7 @@ import torch
 
 from quantize_cli import dequantize, quantize
 from quantize_cli.kernels import ops, reference
-from quantize_cli.kernels.constants import NF4_CODEBOOK, codebook_tensor
+from quantize_cli.kernels.constants import NF4_CODEBOOK, codebook_search_tables, codebook_tensor
 
 pytestmark = [
     pytest.mark.gpu,
@@ -116,17 +116,39 @@ def test_auto_backend_uses_triton_on_cuda() -> None:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_equals_bitsandbytes_cuda(quant_type: str, dtype: torch.dtype) -> None:
-    """nf4/fp4 codes and absmax from Triton equal bitsandbytes' CUDA kernels on a 4096 x 11008 weight.
+    """nf4/fp4 from Triton against bitsandbytes' own CUDA kernels on a 4096 x 11008 weight.
 
-    One known difference: on an all-zero block bitsandbytes' CUDA kernel scales by 1 / 0 and its
-    search then returns code 0 (value -1, times absmax 0), where its CPU path (and ours) returns the
-    code of 0.0. The values agree; the codes are compared on the other blocks."""
+    Our definition is bitsandbytes' CPU path (``tests/test_bitsandbytes_equality.py``: bit-identical).
+    Its CUDA kernel differs from that path in three places, all allowed here and nowhere else:
+    an all-zero block (CUDA scales by 1 / 0 and returns code 0, value -1 * 0); fp4's two zero codes
+    (CUDA searches |v| and adds the sign, so a tiny positive v gets code 0 and a tiny negative one
+    code 8, the CPU path the reverse; both decode to 0); and v within 32 ulps of a decision bound
+    (CUDA's fp4 bounds are short decimal literals, e.g. 0.583333f for the midpoint 0.58333334, and a
+    negative tie rounds towards 0). Absmax must be equal, and every other code and dequantized value
+    bit-identical. Measured on an H100 (bitsandbytes 0.50.2): nf4 fp16/bf16 0 codes differ, nf4 fp32
+    5 (all at a bound), fp4 about 243,500 zero-code pairs plus 15 to 28,858 at a bound."""
     bnb = pytest.importorskip("bitsandbytes.functional")
     x = _weights((4096, 11008), dtype, seed=4)
     q_bnb, state = bnb.quantize_4bit(x, blocksize=64, quant_type=quant_type)
     ours = quantize(x, quant_type, block_size=64, backend="triton")
     assert torch.equal(ours.scale.reshape(-1), state.absmax)
-    nonzero = (state.absmax > 0).repeat_interleave(32)  # 32 packed bytes per block of 64
-    codes, codes_bnb = ours.qdata.reshape(-1)[nonzero], q_bnb.reshape(-1)[nonzero]
-    assert torch.equal(codes, codes_bnb), f"{(codes != codes_bnb).sum().item()} of {codes.numel()} bytes differ"
-    assert torch.equal(dequantize(ours, backend="triton"), bnb.dequantize_4bit(q_bnb, state))
+    a = reference.unpack_4bit(ours.qdata.reshape(-1, 32))
+    b = reference.unpack_4bit(q_bnb.reshape(-1, 32))
+    absmax = state.absmax.reshape(-1, 1)
+    v = x.float().reshape(-1, 64) * (1.0 / absmax.clamp(min=1e-38))
+    diff = (a != b) & (absmax > 0)
+    zero_pair = ((a == 0) & (b == 8)) | ((a == 8) & (b == 0)) if quant_type == "fp4" else torch.zeros_like(diff)
+    bounds, _ = codebook_search_tables(ours.codebook)
+    vd = v[diff]
+    ulp = (torch.nextafter(vd.abs(), torch.full_like(vd, 2.0)) - vd.abs()).clamp(min=2.0**-126)
+    near = torch.zeros_like(diff)
+    near[diff] = ((vd[:, None] - bounds[None, :]).abs().amin(dim=1) <= 32 * ulp) if vd.numel() else near[diff]
+    unexplained = diff & ~zero_pair & ~near
+    print(
+        f"{quant_type} {dtype}: {diff.sum().item()} codes differ of {diff.numel()}: "
+        f"{(diff & zero_pair).sum().item()} zero-code pairs, {(diff & near & ~zero_pair).sum().item()} at a bound"
+    )
+    assert unexplained.sum().item() == 0, v[unexplained][:8].tolist()
+    out, out_bnb = dequantize(ours, backend="triton").reshape(-1, 64), bnb.dequantize_4bit(q_bnb, state).reshape(-1, 64)
+    same = ~(diff & near)
+    assert torch.equal(out[same], out_bnb[same])

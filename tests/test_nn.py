@@ -230,14 +230,38 @@ def test_forward_goes_through_the_kernel_hook(monkeypatch: pytest.MonkeyPatch) -
     module = QuantLinear.from_linear(_linear(), "nf4")
     seen = []
 
-    def fake_kernel(x: torch.Tensor, state: object, bias: torch.Tensor | None) -> torch.Tensor:
+    def fake_kernel(x: torch.Tensor, state: object, bias: torch.Tensor | None, scale: object) -> torch.Tensor:
         seen.append(state)
-        return functional.dequantize_linear(x, state, bias)
+        return functional.dequantize_linear(x, state, bias, scale)
 
     monkeypatch.setitem(functional._OVERRIDES, ("cpu", "nf4"), fake_kernel)
     x = torch.randn(2, IN)
     module(x)
     assert len(seen) == 1 and seen[0].qdata.data_ptr() == module.weight.data_ptr()  # packed, not copied
+
+
+def test_static_int8_input_equals_integer_matmul() -> None:
+    """W8A8 (int8-static): int8 activations with the static scale times int8 weights, exactly in float64."""
+    linear = _linear()
+    x = torch.randn(6, IN)
+    input_scale = x.abs().amax() / 127 * 0.8  # a calibrated range a bit below this batch's: some clipping
+    module = QuantLinear.from_linear(linear, "int8-static", input_scale=input_scale)
+    assert module.block_size == IN and module.weight_scale.shape == (OUT, 1)
+    x_int = torch.round(x / input_scale).clamp(-127, 127)
+    acc = x_int.double() @ module.weight.double().T  # the int32 accumulator of an int8 x int8 GEMM
+    ref = acc * input_scale.double() * module.weight_scale.double().T + linear.bias.detach().double()
+    torch.testing.assert_close(module(x).double(), ref, rtol=1e-5, atol=1e-5)
+    # The scale is part of the state dict, survives a round trip and is never cast by .to(dtype).
+    fresh = QuantLinear(IN, OUT, scheme="int8-static")
+    fresh.load_state_dict(module.state_dict())
+    assert torch.equal(fresh(x), module(x)) and "static int8 input" in repr(fresh)
+    fresh.to(torch.bfloat16)
+    assert fresh.input_scale.dtype == torch.float32 and torch.equal(fresh.input_scale, input_scale)
+
+
+def test_per_row_scheme_refuses_a_block() -> None:
+    with pytest.raises(ValueError, match="one scale per row"):
+        QuantLinear(IN, OUT, scheme="int8-static", block_size=64)
 
 
 def test_bad_arguments() -> None:

@@ -101,13 +101,17 @@ def smol_ids() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def nf4_reference_text(smol_nf4: Path, smol_ref: nn.Module, smol_ids: torch.Tensor) -> str:
-    """Greedy continuation of the chat-templated PROMPT by transformers' model with nf4-dequantized weights."""
+def nf4_reference(smol_nf4: Path, smol_ref: nn.Module, smol_ids: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Logits of the chat-templated PROMPT and its greedy continuation, by transformers' model with all 210
+    block Linear weights replaced by their nf4 ``dequantize(quantize(W))``."""
     from transformers import AutoTokenizer
 
-    with dequantized_weights(smol_ref, smol_nf4), torch.no_grad():
+    with dequantized_weights(smol_ref, smol_nf4) as replaced, torch.no_grad():
+        assert replaced == 210
+        logits = _logits(smol_ref, smol_ids)
         ids = smol_ref.generate(smol_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return AutoTokenizer.from_pretrained(smollm2_dir()).decode(ids[0, smol_ids.shape[1] :], skip_special_tokens=True)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    return logits, tokenizer.decode(ids[0, smol_ids.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -198,27 +202,25 @@ def test_minilm_reload_equals_dequantized_model(
 # -- nf4 in full: generation, fresh process, CLI, dtype -------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_nf4_full_logits_and_greedy_generation(
-    smol_nf4: Path, smol_ref: nn.Module, smol_ids: torch.Tensor, nf4_reference_text: str
+    smol_nf4: Path, smol_ids: torch.Tensor, nf4_reference: tuple[torch.Tensor, str]
 ) -> None:
+    want, want_text = nf4_reference
     model = load_quantized(smol_nf4)
     _assert_packed(model, "nf4", count=30 * 7)
     got = _logits(model, smol_ids)
-    with dequantized_weights(smol_ref, smol_nf4) as replaced:
-        want = _logits(smol_ref, smol_ids)
-    assert replaced == 210
     torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * want.abs().max().item())
     text = generate(model, smol_nf4, PROMPT, max_new_tokens=NEW_TOKENS)  # through the chat template
-    assert text == nf4_reference_text
+    assert text == want_text
     assert re.search(r"[A-Za-z]{3}", text), text
 
 
 @pytest.mark.slow
-def test_reload_in_a_fresh_process(smol_nf4: Path, nf4_reference_text: str) -> None:
+def test_reload_in_a_fresh_process(smol_nf4: Path, nf4_reference: tuple[torch.Tensor, str]) -> None:
     cmd = [sys.executable, "-m", "quantize_cli", "reload", str(smol_nf4), "--prompt", PROMPT,
            "--max-new-tokens", str(NEW_TOKENS), "--device", "cpu"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == nf4_reference_text
+    assert proc.stdout.strip() == nf4_reference[1]
 
 
 @pytest.mark.slow
@@ -296,7 +298,7 @@ def test_sharded_folder_reloads_and_dequantizes(
 
 @pytest.mark.slow
 def test_cli_dequantize_to_gives_the_dequantized_model(
-    smol_nf4: Path, tmp_path: Path, smol_ref: nn.Module, smol_ids: torch.Tensor
+    smol_nf4: Path, tmp_path: Path, smol_ids: torch.Tensor, nf4_reference: tuple[torch.Tensor, str]
 ) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -310,9 +312,7 @@ def test_cli_dequantize_to_gives_the_dequantized_model(
         assert not any(k.endswith("_scale") for k in f.keys())
         assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
-    with dequantized_weights(smol_ref, smol_nf4):
-        want = _logits(smol_ref, smol_ids)
-    torch.testing.assert_close(_logits(plain, smol_ids), want, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(plain, smol_ids), nf4_reference[0], rtol=0, atol=0)
     again = runner.invoke(app, ["reload", str(smol_nf4), "--dequantize-to", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
 

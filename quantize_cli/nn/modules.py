@@ -2,7 +2,8 @@
 
 A quantized module holds its weight as buffers named like the tensors on disk (DESIGN §3): ``weight``
 (the packed codes), ``weight_scale`` and, where the scheme has them, ``weight_global_scale`` and
-``weight_zero_point``. Buffers move with ``.to(device)`` and appear in ``state_dict``; a dtype cast
+``weight_zero_point``; a W8A8 module (``int8-static``) also holds ``input_scale``, its static int8
+activation scale from calibration. Buffers move with ``.to(device)`` and appear in ``state_dict``; a dtype cast
 (``.to(torch.float16)``, ``.half()``) never touches them and only sets the compute dtype, so nothing is
 re-quantized or rounded as a side effect of ``.to()``.
 """
@@ -20,7 +21,7 @@ from torch import nn
 from ..api import check_block_size, dequantize, quantize
 from ..format import SUFFIXES
 from ..schemes import QuantState, get_scheme
-from .functional import codebook, quant_linear
+from .functional import codebook, fake_quantize_input, quant_linear
 
 Tensor = torch.Tensor
 
@@ -28,6 +29,10 @@ Tensor = torch.Tensor
 BUFFERS: dict[str, str] = {field: "weight" + suffix for field, suffix in SUFFIXES.items()}
 # Fields that depend on an option rather than on the scheme (asymmetric int4's zero point).
 _OPTIONAL = ("zero_point",)
+# The static activation scale: 0-d fp32, on disk as ``P.input_scale`` next to ``P.weight``.
+INPUT_SCALE = "input_scale"
+# Buffers that .to(dtype) must not cast.
+_PROTECTED = (*BUFFERS.values(), INPUT_SCALE)
 
 
 @lru_cache(maxsize=256)
@@ -50,9 +55,11 @@ class QuantLinear(nn.Module):
     """``y = x @ dequantize(W).T + b`` with ``W`` kept packed in any weight-only scheme of the registry.
 
     ``in_features``/``out_features``/``bias``: as ``nn.Linear``. ``scheme``, ``block_size`` (None: the
-    scheme's default) and ``options`` (e.g. ``symmetric=False`` for int4) describe the packed weight;
-    ``dtype`` is the dtype the codes stand for (and the bias dtype). ``compute_dtype``: dtype of the
-    dequantized weight and of the matmul (None: the input's); the output comes back in the input's dtype.
+    scheme's default; a per-row scheme takes ``in_features``) and ``options`` (e.g. ``symmetric=False``
+    for int4) describe the packed weight; ``dtype`` is the dtype the codes stand for (and the bias
+    dtype). ``compute_dtype``: dtype of the dequantized weight and of the matmul (None: the input's);
+    the output comes back in the input's dtype. ``static_input=True`` adds the ``input_scale`` buffer of
+    a W8A8 scheme: the input is then rounded to int8 with it before the matmul.
 
     A new module holds zero codes (like ``nn.Linear``'s random init, a placeholder until
     ``load_state_dict``); ``float_weight=True`` starts instead with an ``nn.Linear``-initialised float
@@ -70,6 +77,7 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         float_weight: bool = False,
+        static_input: bool = False,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -80,7 +88,7 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = spec.name
-        self.block_size = check_block_size(spec, block_size)
+        self.block_size = _block_for(spec, block_size, in_features)
         self.options = options
         self.compute_dtype = compute_dtype
         self.weight_dtype = dtype or torch.get_default_dtype()
@@ -88,24 +96,36 @@ class QuantLinear(nn.Module):
             init = nn.Linear(in_features, out_features, bias, device=device, dtype=self.weight_dtype)
             self.weight = init.weight
             self.bias = init.bias
-            self._register_absent_buffers()
+            self._register_absent_buffers(static_input, device)
             return
         for field, (row_shape, buf_dtype) in self._expected_layout().items():
             shape = (out_features, *row_shape) if row_shape is not None else ()
             self.register_buffer(BUFFERS[field], torch.zeros(shape, dtype=buf_dtype, device=device))
-        self._register_absent_buffers()
+        self._register_absent_buffers(static_input, device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.weight_dtype)) if bias else None
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: str, block_size: int | None = None, **options: Any) -> QuantLinear:
-        """Quantize ``linear.weight`` (out, in) with ``scheme``; the bias is copied unchanged."""
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        scheme: str,
+        block_size: int | None = None,
+        input_scale: Tensor | None = None,
+        **options: Any,
+    ) -> QuantLinear:
+        """Quantize ``linear.weight`` (out, in) with ``scheme``; the bias is copied unchanged.
+
+        ``input_scale``: a static int8 activation scale (0-d, from calibration) for W8A8 schemes.
+        """
         state = quantize(linear.weight.detach(), scheme, block_size, **options)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls.from_state(state, bias)
+        return cls.from_state(state, bias, input_scale)
 
     @classmethod
-    def from_state(cls, state: QuantState, bias: Tensor | None = None) -> QuantLinear:
+    def from_state(
+        cls, state: QuantState, bias: Tensor | None = None, input_scale: Tensor | None = None
+    ) -> QuantLinear:
         """Wrap an already quantized (out_features, in_features) weight; its tensors are used as they are."""
         if len(state.shape) != 2:
             raise ValueError(f"a Linear weight is 2-D (out_features, in_features), got shape {tuple(state.shape)}")
@@ -118,6 +138,8 @@ class QuantLinear(nn.Module):
         module._set_packed(state)
         if bias is not None:
             module.bias = nn.Parameter(bias)
+        if input_scale is not None:
+            module.input_scale = input_scale.detach().to(device=state.qdata.device, dtype=torch.float32).reshape(())
         return module
 
     # -- state ----------------------------------------------------------------------------------------
@@ -171,11 +193,13 @@ class QuantLinear(nn.Module):
         if "symmetric" in get_scheme(self.scheme).options:
             self.options = {**self.options, "symmetric": state.zero_point is None}
 
-    def _register_absent_buffers(self) -> None:
+    def _register_absent_buffers(self, static_input: bool = False, device: torch.device | str | None = None) -> None:
         # A None buffer keeps the attribute readable and stays out of state_dict.
         for name in BUFFERS.values():
             if name not in self._buffers and name not in self._parameters:
                 self.register_buffer(name, None)
+        scale = torch.ones((), dtype=torch.float32, device=device) if static_input else None
+        self.register_buffer(INPUT_SCALE, scale)
 
     def _expected_layout(self) -> dict[str, tuple]:
         return _layout(self.scheme, self.in_features, self.block_size, _hashable_options(self.options))
@@ -186,20 +210,21 @@ class QuantLinear(nn.Module):
         dtype = self.compute_dtype or x.dtype
         if not self.is_quantized:
             bias = None if self.bias is None else self.bias.to(dtype)
-            return F.linear(x.to(dtype), self.weight.to(dtype), bias).to(x.dtype)
-        return quant_linear(x.to(dtype), self.quant_state(), self.bias).to(x.dtype)
+            h = x.to(dtype) if self.input_scale is None else fake_quantize_input(x.to(dtype), self.input_scale)
+            return F.linear(h, self.weight.to(dtype), bias).to(x.dtype)
+        return quant_linear(x.to(dtype), self.quant_state(), self.bias, self.input_scale).to(x.dtype)
 
     # -- device / dtype moves -------------------------------------------------------------------------
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> QuantLinear:
         """Move packed buffers with the module but never cast them: a dtype change becomes the compute dtype."""
-        if not self.is_quantized:
+        if not self.is_quantized and self.input_scale is None:
             target = _cast_target(fn, self.weight.device)
             super()._apply(fn, recurse)
             self.compute_dtype = target or self.compute_dtype
             return self
         device = self.weight.device
         target = _cast_target(fn, device)
-        packed = {name: t for name in BUFFERS.values() if (t := self._buffers.get(name)) is not None}
+        packed = {name: t for name in _PROTECTED if (t := self._buffers.get(name)) is not None}
         for name in packed:
             self._buffers[name] = None
         try:
@@ -230,6 +255,9 @@ class QuantLinear(nn.Module):
         incoming = {f: state_dict[prefix + n] for f, n in BUFFERS.items() if prefix + n in state_dict}
         if self.is_quantized or set(incoming) - {"qdata"}:
             self._allocate_from(incoming, prefix, error_msgs)
+        scale = state_dict.get(prefix + INPUT_SCALE)
+        if scale is not None and (self.input_scale is None or self.input_scale.shape != scale.shape):
+            self._buffers[INPUT_SCALE] = torch.empty(scale.shape, dtype=torch.float32, device=self.weight.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -268,7 +296,7 @@ class QuantLinear(nn.Module):
         cols = qdata.shape[-1] * (2 if spec.packed else 1) if qdata.dim() == 2 else -1
         rows = qdata.shape[0] if qdata.dim() == 2 else -1
         want = f"a ({self.out_features}, {self.in_features}) {spec.name} weight"
-        if spec.default_block_size is None:
+        if "scale" not in self._expected_layout():  # a cast: the codes are the weight
             if (rows, cols) != (self.out_features, self.in_features):
                 error_msgs.append(f"size mismatch for {prefix}weight: codes {tuple(qdata.shape)} do not hold {want}")
             return None
@@ -287,11 +315,21 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         state = f"scheme={self.scheme}, block_size={self.block_size}" if self.is_quantized else "float (not quantized)"
         options = "".join(f", {k}={v}" for k, v in _hashable_options(self.options))
+        options += ", static int8 input" if self.input_scale is not None else ""
         compute = f", compute_dtype={self.compute_dtype}" if self.compute_dtype else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"{state}{options}{compute}"
         )
+
+
+def _block_for(spec: Any, block_size: int | None, in_features: int) -> int | None:
+    """The module's block size: per-row schemes (W8A8) always use the whole row."""
+    if getattr(spec, "per_row", False):
+        if block_size not in (None, in_features):
+            raise ValueError(f"{spec.name} uses one scale per row; block_size must be None (got {block_size})")
+        return in_features
+    return check_block_size(spec, block_size)
 
 
 def _cast_target(fn: Callable[[Tensor], Tensor], device: torch.device) -> torch.dtype | None:

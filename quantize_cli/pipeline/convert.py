@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -276,7 +277,7 @@ def _convert_tensor(
 def _quantization_map(source: Source, recipe: Recipe, entries: dict[str, Any]) -> dict[str, Any]:
     from .. import __version__
 
-    params = sum(_numel(t.shape) for t in source.tensors.values())
+    params = sum(math.prod(t.shape) for t in source.tensors.values())
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -285,13 +286,6 @@ def _quantization_map(source: Source, recipe: Recipe, entries: dict[str, Any]) -
         "recipe": recipe.to_dict(),
         "tensors": dict(sorted(entries.items())),
     }
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _finish(tmp: Path, source: Source, recipe: Recipe, plan: Plan, done: dict[str, Any]) -> None:
@@ -339,8 +333,8 @@ def _result(out: Path, source: Source, recipe: Recipe, plan: Plan, resumed: int,
         recipe=recipe.to_dict(),
         tensors=len(plan.tensors),
         quantized=len(quantized),
-        params=sum(_numel(tp.info.shape) for tp in plan.tensors.values()),
-        params_quantized=sum(_numel(tp.info.shape) for tp in quantized),
+        params=sum(math.prod(tp.info.shape) for tp in plan.tensors.values()),
+        params_quantized=sum(math.prod(tp.info.shape) for tp in quantized),
         bytes_in=source.nbytes,
         bytes_out=sum(tp.nbytes_out for tp in plan.tensors.values()),
         bytes_quantized=sum(tp.nbytes_out for tp in quantized),

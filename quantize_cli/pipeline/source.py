@@ -8,6 +8,7 @@ and then loaded with ``torch.load(weights_only=True, mmap=True)`` so they are pa
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,17 +40,14 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
 class Source:
     """A checkpoint: its tensors in reading order, the folder holding config and tokenizer files (if any).
 
-    ``model``: what the user named (hub id, path); ``revision``: the hub commit read (None for local
+    ``model``: the hub id, or the absolute local path; ``revision``: the hub commit read (None for local
     paths); ``root``: the folder with ``config.json`` etc. (None for a bare file).
     """
 
@@ -84,18 +82,20 @@ def resolve_source(model: str, revision: str | None = None, allow_pickle: bool =
         root, files, is_pickle = _local_files(path, allow_pickle)
         resolved_revision = None
         name = path.stem if path.is_file() else path.resolve().name
+        shown = str(path.resolve())
     elif _looks_like_repo_id(model):
         root = _download(model, revision, allow_pickle)
         files, is_pickle = _folder_weights(root, allow_pickle, shown=model)
         resolved_revision = root.name  # the snapshot folder is named by its commit hash
         name = model.rstrip("/").split("/")[-1]
+        shown = model
     else:
         raise QuantaError(f"model not found: {model} (no such file or folder, and not a hub id)")
     tensors = _read_pickle_headers(files) if is_pickle else _read_headers(files)
     if not tensors:
         raise QuantaError(f"no tensors in {model}")
     config = _read_config(root) if root is not None else None
-    return Source(model, resolved_revision, root, files, tensors, is_pickle, config, name)
+    return Source(shown, resolved_revision, root, files, tensors, is_pickle, config, name)
 
 
 def _looks_like_repo_id(model: str) -> bool:
@@ -227,33 +227,40 @@ def _read_config(root: Path) -> dict[str, Any] | None:
 
 @dataclass
 class SourceReader:
-    """Reads one tensor at a time; keeps at most one open handle per weight file."""
+    """Reads one tensor at a time.
+
+    A safetensors file is opened for each tensor and closed right after: ``safe_open`` maps the file,
+    and pages of a mapping left open stay resident, so a long-lived handle would grow to the whole file.
+    """
 
     source: Source
-    _handles: dict[Path, Any] = field(default_factory=dict)
+    _pickles: dict[Path, _PickleHandle] = field(default_factory=dict)
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name`` on the CPU, read from disk now."""
         info = self.source.tensors[name]
         try:
-            tensor = self._handle(info.file).get_tensor(name)
+            if self.source.pickle:
+                tensor = self._pickle(info.file).get_tensor(name)
+            else:
+                with safe_open(info.file, framework="pt") as fh:
+                    tensor = fh.get_tensor(name)
         except SafetensorError as exc:
             raise QuantaError(f"corrupt or truncated safetensors file {info.file}: {exc}") from None
         if tuple(tensor.shape) != info.shape:
             raise QuantaError(f"tensor {name} in {info.file} does not match its header")
         return tensor
 
-    def _handle(self, f: Path) -> Any:
-        if f not in self._handles:
-            # One file is read at a time, in order: drop the previous file's handle (and its pages).
-            self.close()
-            self._handles[f] = _PickleHandle(f) if self.source.pickle else _SafeHandle(f)
-        return self._handles[f]
+    def _pickle(self, f: Path) -> _PickleHandle:
+        if f not in self._pickles:
+            self.close()  # files are read in order: drop the previous one
+            self._pickles[f] = _PickleHandle(f)
+        return self._pickles[f]
 
     def close(self) -> None:
-        for h in self._handles.values():
+        for h in self._pickles.values():
             h.close()
-        self._handles.clear()
+        self._pickles.clear()
 
     def __enter__(self) -> SourceReader:
         return self
@@ -262,20 +269,6 @@ class SourceReader:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-class _SafeHandle:
-    """An open ``safe_open`` file with the mapping-style ``get_tensor`` of a state dict."""
-
-    def __init__(self, f: Path) -> None:
-        self._ctx = safe_open(f, framework="pt")
-        self._fh = self._ctx.__enter__()
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        return self._fh.get_tensor(name)
-
-    def close(self) -> None:
-        self._ctx.__exit__(None, None, None)
 
 
 class _PickleHandle:

@@ -111,6 +111,7 @@ class Scheme:
     scale_bytes: float = 4.0
     tensor_bytes: int = 0
     needs_calibration: bool = False
+    per_row: bool = False  # one scale per row (block = the last dimension), e.g. for int8 x int8 matmuls
     aliases: tuple[str, ...] = ()
     kernel_ops: tuple[str, ...] = ()
     options: tuple[str, ...] = ()

@@ -8,7 +8,15 @@ from ..kernels.ops import resolve
 from .base import Quantized, QuantState, Scheme, Tensor
 
 
-def _int_scheme(name: str, bits: int, block: int, alias: str, description: str, options: tuple[str, ...]):
+def _int_scheme(
+    name: str,
+    bits: int,
+    block: int | None,
+    alias: str | None,
+    description: str,
+    options: tuple[str, ...],
+    calibrated: bool = False,
+):
     def quantize(x: Tensor, block_size: int, backend: str, opts: dict[str, Any]) -> Quantized:
         symmetric = bool(opts.get("symmetric", True))
         qdata, scale, zero = resolve("quantize_int", backend, x.device)(x, block_size, bits, symmetric)
@@ -25,7 +33,9 @@ def _int_scheme(name: str, bits: int, block: int, alias: str, description: str, 
         quantize_fn=quantize,
         dequantize_fn=dequantize,
         description=description,
-        aliases=(alias,),
+        aliases=(alias,) if alias else (),
+        needs_calibration=calibrated,
+        per_row=calibrated,
         kernel_ops=("quantize_int", "dequantize_int"),
         options=options,
     )
@@ -39,4 +49,15 @@ INT4 = _int_scheme(
     "int4_linear",
     "int4 symmetric [-7, 7] per group; symmetric=False: [0, 15] with a uint8 zero point",
     ("symmetric",),
+)
+# W8A8: int8 weights with one scale per output row, plus a static int8 activation scale per Linear from
+# calibration (stored as ``P.input_scale`` by the pipeline), so a Linear can run int8 x int8 -> int32.
+INT8_STATIC = _int_scheme(
+    "int8-static",
+    8,
+    None,
+    None,
+    "W8A8: int8 weights, fp32 scale per output row, static int8 activation scale from calibration",
+    (),
+    calibrated=True,
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..kernels.ops import resolve
-from ..kernels.reference import nvfp4_global_scale
 from .base import Quantized, QuantState, Scheme, Tensor
 from .fp4_methods import method_of, padded_hessian_blocks
 
@@ -13,7 +12,7 @@ from .fp4_methods import method_of, padded_hessian_blocks
 def _quantize(x: Tensor, block_size: int, backend: str, options: dict[str, Any]) -> Quantized:
     global_scale = options.get("global_scale")
     if global_scale is None:
-        global_scale = nvfp4_global_scale(x)
+        global_scale = resolve("nvfp4_global_scale", backend, x.device)(x)
     if method_of(options) == "naive":
         qdata, scale = resolve("quantize_nvfp4", backend, x.device)(x, block_size, global_scale)
     else:

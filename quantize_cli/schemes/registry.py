@@ -6,11 +6,11 @@ from .base import Scheme
 from .cast import BF16, FP16
 from .codebook import FP4, NF4, NF8
 from .fp8 import FP8
-from .integer import INT4, INT8
+from .integer import INT4, INT8, INT8_STATIC
 from .mxfp4 import MXFP4
 from .nvfp4 import NVFP4
 
-_ALL: tuple[Scheme, ...] = (INT8, INT4, NF4, FP4, NF8, FP8, NVFP4, MXFP4, FP16, BF16)
+_ALL: tuple[Scheme, ...] = (INT8, INT4, NF4, FP4, NF8, FP8, NVFP4, MXFP4, FP16, BF16, INT8_STATIC)
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in _ALL}
 ALIASES: dict[str, str] = {alias: s.name for s in _ALL for alias in s.aliases}
