@@ -121,18 +121,29 @@ def convert(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read .bin/.pt pickle weights.")] = False,
+    method: Annotated[
+        str | None, typer.Option("--method", help="nvfp4/mxfp4 block scales: naive, sse, or hessian (calibrated).")
+    ] = None,
+    calibration: Annotated[
+        str | None, typer.Option("--calibration", help="Statistics from `quanta calibrate` (int8-static, hessian).")
+    ] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Calibrate on this data first.")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration sequences, with --data.")] = 128,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence, with --data.")] = 512,
 ) -> None:
     """Stream MODEL tensor by tensor through a scheme into a quantized safetensors folder."""
     from rich.markup import escape
 
     from .pipeline import convert as run_convert
+    from .pipeline.convert import CalibrationInput
 
     def warn(message: str) -> None:
         err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     result = run_convert(
         model, scheme, block_size, recipe, ignore or (), out, device, max_shard_size, overwrite, resume, revision,
-        allow_pickle, progress=True, log=warn,
+        allow_pickle, progress=True, log=warn, method=method,
+        calibration=CalibrationInput(calibration, data, samples, seq_len),
     )  # fmt: skip
     table = Table(show_header=False)
     for label, value in result.summary():

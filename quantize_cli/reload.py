@@ -215,7 +215,7 @@ def _renamer(stored: list[str], model_keys: set[str], prefix: str) -> Callable[[
 
 
 def _place_quantized(
-    model: nn.Module, qmap: dict[str, Any], rename: Callable[[str], str], dtype: torch.dtype | None
+    model: nn.Module, qmap: dict[str, Any], rename: Callable[[str], str], dtype: torch.dtype | None, stored: set[str]
 ) -> dict[str, str]:
     """Put a ``QuantLinear`` wherever the map quantizes a Linear weight.
 
@@ -238,13 +238,26 @@ def _place_quantized(
             raise QuantaError(f"{name} has shape {entry['shape']} in the map but the model expects {shape}")
         spec = get_scheme(entry["scheme"])
         options = {k: v for k, v in entry.items() if k in spec.options and isinstance(v, bool | int | str)}
+        block = None if spec.per_row else entry["block_size"]
         quant = QuantLinear(
-            module.in_features, module.out_features, module.bias is not None, spec.name, entry["block_size"],
-            compute_dtype=dtype, device="meta", dtype=parse_dtype(entry["dtype"]), **options,
+            module.in_features, module.out_features, module.bias is not None, spec.name, block,
+            compute_dtype=dtype, device="meta", dtype=parse_dtype(entry["dtype"]),
+            static_input=_input_scale_key(name) in stored, **options,
         )  # fmt: skip
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent), child, quant)
     return elsewhere
+
+
+def _input_scale_key(name: str) -> str:
+    """Where the static activation scale of the quantized ``P.weight`` is stored: ``P.input_scale``."""
+    return name.removesuffix("weight") + "input_scale"
+
+
+def _packed_keys(quantized: dict[str, Any], stored: set[str]) -> set[str]:
+    """Stored names that make up quantized tensors: codes, scales, zero points, static input scales."""
+    parts = {part for name in quantized for part in stored_names(name, stored)}
+    return parts | ({_input_scale_key(name) for name in quantized} & stored)
 
 
 def _untie_quantized_head(model: Any) -> None:
@@ -279,7 +292,7 @@ def load_quantized(
     _check_quantized_present(qmap, index, folder)
     model: Any = _skeleton(_load_config(folder))
     rename = _renamer(list(index), set(model.state_dict()), getattr(model, "base_model_prefix", ""))
-    elsewhere = _place_quantized(model, qmap, rename, dtype)
+    elsewhere = _place_quantized(model, qmap, rename, dtype, set(index))
     _untie_quantized_head(model)
     model_keys = set(model.state_dict())
     loaded = _stream_shards(model, folder, qmap, index, rename, model_keys, elsewhere, dev, dtype, progress)
@@ -312,7 +325,7 @@ def _stream_shards(
 ) -> set[str]:
     """Read each shard once and ``load_state_dict(assign=True)`` its tensors; returns the model keys loaded."""
     stored = set(index)
-    packed = {part for name in qmap["tensors"] for part in stored_names(name, stored)}
+    packed = _packed_keys(qmap["tensors"], stored)
     # Stored names that belong to a weight dequantized at load, and the weight they belong to.
     parts_of = {part: name for name in elsewhere for part in stored_names(name, stored)}
     loaded: set[str] = set()
@@ -419,8 +432,9 @@ def generate(model: Any, path: str | Path, prompt: str, max_new_tokens: int = 64
 def dequantize_folder(path: str | Path, out: str | Path, progress: bool = False) -> Path:
     """Write the float HF folder ``out`` that the quanta folder ``path`` stands for; returns ``out``.
 
-    Each quantized ``P.weight`` becomes ``dequantize`` of its codes, in the dtype the map records; every
-    other tensor and file is copied, and ``config.json`` loses its ``quantization_config``. Shard by
+    Each quantized ``P.weight`` becomes ``dequantize`` of its codes, in the dtype the map records (a static
+    activation scale ``P.input_scale`` is dropped); every other tensor and file is copied, and
+    ``config.json`` loses its ``quantization_config``. Shard by
     shard (same file names); built in a temporary folder next to ``out`` and renamed at the end, so a
     failure leaves nothing behind. ``out`` must not exist.
     """
@@ -448,7 +462,8 @@ def _write_float_shards(
 ) -> tuple[dict[str, str], int]:
     """Dequantize shard by shard into ``staging``; returns the weight map {tensor: file name} and total bytes."""
     quantized = qmap["tensors"]
-    packed = {part for name in quantized for part in stored_names(name, set(index))}
+    # Static activation scales go too: the float model runs float activations.
+    packed = _packed_keys(quantized, set(index))
     weight_map: dict[str, str] = {}
     total = 0
     with _progress(progress) as bar:

@@ -28,6 +28,7 @@ from quantize_cli.format import MAP_FILE, state_to_tensors, tensors_to_state
 from quantize_cli.pipeline import convert, inspect_folder
 
 runner = CliRunner()
+WEIGHT_ONLY = [name for name, s in SCHEMES.items() if not s.needs_calibration]  # the others need `quanta calibrate`
 ENTRY_KEYS = {"scheme", "block_size", "method", "shape", "dtype"}
 SMOL_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
@@ -69,7 +70,7 @@ def minilm_by_scheme(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     root = tmp_path_factory.mktemp("minilm")
     return {
         s: convert(str(minilm_dir()), scheme=s, out=root / s, max_shard_size="30MB", progress=False).out
-        for s in SCHEMES
+        for s in WEIGHT_ONLY
     }
 
 
@@ -99,6 +100,8 @@ def in_memory_reference(source_file: Path, out: Path, ref: Path) -> dict[str, An
             tensors[name] = w
             continue
         options = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+        if entry["method"] != "naive":  # a scale search is the scheme's `method` option
+            options["method"] = entry["method"]
         states[name] = quantize(w, entry["scheme"], entry["block_size"], **options)
         tensors.update(state_to_tensors(name, states[name]))
     files: dict[str, dict[str, torch.Tensor]] = {}
@@ -111,7 +114,7 @@ def in_memory_reference(source_file: Path, out: Path, ref: Path) -> dict[str, An
     return states
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("scheme", WEIGHT_ONLY)
 def test_minilm_every_scheme(
     scheme: str, minilm_by_scheme: dict[str, Path], minilm_state: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
@@ -293,6 +296,18 @@ def test_hub_id_from_offline_cache(tmp_path: Path) -> None:
     # Same cache, a revision it does not hold: one line, exit 2.
     proc = subprocess.run([*cmd, "--revision", "v9"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "quanta-test/minilm" in proc.stderr
+
+
+def test_scale_search_method_is_recorded(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("scheme: nf4\nrules:\n  - {match: '*.3.attention.self.query', scheme: nvfp4, method: sse}\n")
+    out = convert(str(minilm_dir()), recipe=recipe, out=tmp_path / "o", progress=False).out
+    entries = read_map(out)["tensors"]
+    searched = {n for n, e in entries.items() if e["method"] == "sse"}
+    assert searched == {"encoder.layer.3.attention.self.query.weight"}
+    assert all(entries[n]["scheme"] == "nvfp4" and "method" not in set(entries[n]) - ENTRY_KEYS for n in searched)
+    in_memory_reference(minilm_dir() / "model.safetensors", out, tmp_path / "ref")
+    assert_same_shards(out, tmp_path / "ref")
 
 
 def test_shards_respect_budget_and_index_is_complete(tmp_path: Path) -> None:

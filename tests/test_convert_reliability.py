@@ -17,6 +17,7 @@ from _models import minilm_dir
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from quantize_cli import SCHEMES
 from quantize_cli.cli import app
 from quantize_cli.errors import QuantaError
 from quantize_cli.pipeline import convert
@@ -205,6 +206,8 @@ def test_bad_options_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(cli("convert", model, "--revision", "main"), "hub ids only")
     if not torch.cuda.is_available():
         assert_one_line_error(cli("convert", model, "--device", "cuda"), "no CUDA device")
+    for name in [n for n, s in SCHEMES.items() if s.needs_calibration][:1]:  # weight-only conversion only
+        assert_one_line_error(cli("convert", model, "--scheme", name), f"scheme {name} needs calibration")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 from quantize_cli import SCHEMES, QuantLinear, dequantize, load_quantized, quantize
 from quantize_cli.cli import app
 from quantize_cli.errors import QuantaError
-from quantize_cli.format import MAP_FILE
+from quantize_cli.format import FORMAT, FORMAT_VERSION, MAP_FILE, map_entry, state_to_tensors
 from quantize_cli.pipeline import convert
 from quantize_cli.reload import dequantize_folder, generate, read_map, summarize
 from quantize_cli.schemes.base import parse_dtype
@@ -58,16 +58,74 @@ def _converted(factory: pytest.TempPathFactory, source: Path, **kwargs: Any) -> 
     return _FOLDERS[key]
 
 
+def _static_folder(factory: pytest.TempPathFactory, source: Path, ref: nn.Module, inputs: dict, pattern: str) -> Path:
+    """A quanta folder for a calibrated W8A8 scheme (int8-static), written here with the format helpers
+    while the converter has no calibration input: the Linear weights matching ``pattern`` quantized per
+    row, and ``P.input_scale`` = max |input| / 127 measured on ``inputs`` (a one-batch calibration)."""
+    key = (source, "int8-static", pattern)
+    if key in _FOLDERS:
+        return _FOLDERS[key]
+    names = [n for n, m in ref.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
+    ranges: dict[str, torch.Tensor] = {}
+    hooks = [ref.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: ranges.__setitem__(n, args[0].detach().abs().amax().float())) for n in names]  # fmt: skip
+    with torch.no_grad():
+        ref(**inputs)
+    for h in hooks:
+        h.remove()
+    out = factory.mktemp(f"{source.name[:8]}-int8-static") / "out"
+    out.mkdir()
+    tensors, entries = {}, {}
+    with safe_open(source / "model.safetensors", framework="pt") as f:
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    for n in names:
+        state = quantize(tensors[f"{n}.weight"], "int8-static")
+        tensors.update(state_to_tensors(f"{n}.weight", state))
+        tensors[f"{n}.input_scale"] = (ranges[n] / 127).reshape(())
+        entries[f"{n}.weight"] = map_entry(state)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    for side in source.iterdir():
+        if side.is_file() and side.suffix != ".safetensors" and not side.name.startswith("."):
+            shutil.copy(side, out / side.name)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": FORMAT, "format_version": FORMAT_VERSION}
+    (out / "config.json").write_text(json.dumps(config))
+    qmap = {"format": FORMAT, "format_version": FORMAT_VERSION, "quanta_version": "test", "source": str(source),
+            "recipe": {"scheme": "int8-static"}, "tensors": entries}  # fmt: skip
+    (out / MAP_FILE).write_text(json.dumps(qmap))
+    _FOLDERS[key] = out
+    return out
+
+
+def _folder(
+    factory: pytest.TempPathFactory, source: Path, scheme: str, ref: nn.Module, inputs: dict, **kw: Any
+) -> Path:
+    """The converter's folder for ``scheme``; for a scheme that needs calibration, :func:`_static_folder`."""
+    if SCHEMES[scheme].needs_calibration:
+        blocks = r"model\.layers\.[0-2]\..*" if "ignore" in kw else r"encoder\.layer\.\d+\..*"
+        return _static_folder(factory, source, ref, inputs, blocks)
+    return _converted(factory, source, scheme=scheme, **kw)
+
+
 @contextlib.contextmanager
 def dequantized_weights(model: nn.Module, folder: Path) -> Iterator[int]:
     """Replace, in place, each weight the folder's map quantizes by ``dequantize(quantize(W))``; restore after.
 
     ``W`` is the model's own weight, seen in the dtype the map records; scheme, block size and options
-    come from the map entry. Yields the number of weights replaced.
+    come from the map entry. A stored static activation scale ``P.input_scale`` becomes a forward
+    pre-hook rounding the Linear's input to int8 with it. Yields the number of weights replaced.
     """
     entries = json.loads((folder / MAP_FILE).read_text())["tensors"]
     saved: dict[str, torch.Tensor] = {}
+    hooks = []
     try:
+        for name in entries:
+            scale = _stored(folder, name.removesuffix("weight") + "input_scale")
+            if scale is not None:
+                hooks.append(model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(
+                    lambda _m, args, s=scale: torch.round(args[0].float() / s).clamp(-127, 127).mul(s).to(args[0].dtype)
+                ))  # fmt: skip
         with torch.no_grad():
             for name, entry in entries.items():
                 param = model.get_parameter(name)
@@ -77,9 +135,19 @@ def dequantized_weights(model: nn.Module, folder: Path) -> Iterator[int]:
                 param.copy_(dequantize(quantize(weight, entry["scheme"], entry["block_size"], **options)))
         yield len(saved)
     finally:
+        for h in hooks:
+            h.remove()
         with torch.no_grad():
             for name, original in saved.items():
                 model.get_parameter(name).copy_(original)
+
+
+def _stored(folder: Path, key: str) -> torch.Tensor | None:
+    for shard in folder.glob("model*.safetensors"):
+        with safe_open(shard, framework="pt") as f:
+            if key in f.keys():
+                return f.get_tensor(key)
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +234,7 @@ def _assert_packed(model: nn.Module, scheme: str, count: int) -> None:
 def test_smollm2_reload_equals_dequantized_model(
     scheme: str, tmp_path_factory: pytest.TempPathFactory, smol_ref: nn.Module, smol_ids: torch.Tensor
 ) -> None:
-    folder = _converted(tmp_path_factory, smollm2_dir(), scheme=scheme, ignore=LATER_BLOCKS)
+    folder = _folder(tmp_path_factory, smollm2_dir(), scheme, smol_ref, {"input_ids": smol_ids}, ignore=LATER_BLOCKS)
     model = load_quantized(folder)
     _assert_packed(model, scheme, count=3 * 7)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again after the streamed load
@@ -186,7 +254,7 @@ def test_minilm_reload_equals_dequantized_model(
     minilm_ref: nn.Module,
     minilm_inputs: dict[str, torch.Tensor],
 ) -> None:
-    folder = _converted(tmp_path_factory, minilm_dir(), scheme=scheme)
+    folder = _folder(tmp_path_factory, minilm_dir(), scheme, minilm_ref, minilm_inputs)
     model = load_quantized(folder)
     assert type(model).__name__ == "BertModel" and not model.training
     _assert_packed(model, scheme, count=6 * 6)
@@ -267,6 +335,31 @@ def test_minilm_bfloat16_compute(minilm_nf4: Path, minilm_inputs: dict[str, torc
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_quantized_embeddings_are_dequantized_at_load(
+    tmp_path_factory: pytest.TempPathFactory,
+    minilm_ref: nn.Module,
+    minilm_inputs: dict[str, torch.Tensor],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """targets: all-2d also quantizes the embeddings (no Linear to hold them): reload dequantizes those."""
+    recipe = tmp_path_factory.mktemp("recipe") / "all2d.yaml"
+    recipe.write_text("scheme: int8\ntargets: all-2d\n")
+    folder = _converted(tmp_path_factory, minilm_dir(), recipe=str(recipe))
+    entries = read_map(folder)["tensors"]
+    assert "embeddings.word_embeddings.weight" in entries
+    model = load_quantized(folder)
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(quant) == 6 * 6 + 1  # the block Linears and the pooler
+    assert model.embeddings.word_embeddings.weight.dtype == torch.float32
+    assert "dequantized at load" in caplog.text
+    with dequantized_weights(minilm_ref, folder) as replaced:
+        want = _hidden(minilm_ref, minilm_inputs)
+    assert replaced == len(entries)
+    for g, w in zip(_hidden(model, minilm_inputs), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 # -- shards and --dequantize-to ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from quantize_cli import dequantize, quantize
-from quantize_cli.kernels import ops, reference
+from quantize_cli.kernels import ops, reference, scale_search
 from quantize_cli.kernels.constants import E2M1_BOUNDS, FP4_CODEBOOK, NF4_CODEBOOK, codebook_tensor, nf8_codebook
 
 pytest.importorskip("triton")
@@ -190,6 +190,122 @@ def test_nvfp4_global_scale_matches_reference() -> None:
     assert torch.equal(fn(x), reference.nvfp4_global_scale(x))
 
 
+# ---- NVFP4 / MXFP4 block-scale searches (sse, hessian) ------------------------------------------------------
+
+
+def _hessian(cols: int, seed: int = 1) -> torch.Tensor:
+    """A calibration X^T X with channels of very unequal loudness and correlated neighbours."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(4 * cols, cols, generator=g) * torch.logspace(-1, 1, cols)
+    a = a + 0.5 * torch.roll(a, 1, dims=1)
+    return (a.T @ a).to(DEVICE)
+
+
+def _padded_blocks(x: torch.Tensor, state) -> torch.Tensor:
+    """x as the scheme quantized it: (rows, blocks, block_size) fp32, zero-padded."""
+    rows, width = state.qdata.shape
+    x2 = x.reshape(rows, -1).float()
+    return torch.nn.functional.pad(x2, (0, 2 * width - x2.shape[1])).reshape(rows, -1, state.block_size)
+
+
+def _block_errors(x: torch.Tensor, state, hessian: torch.Tensor) -> torch.Tensor:
+    """Reference per-block error r^T H_b r (scale_search.block_error) of a quantized state."""
+    xb = _padded_blocks(x, state)
+    dq = dequantize(state, backend="reference").float().reshape(xb.shape[0], -1)
+    dq = torch.nn.functional.pad(dq, (0, xb.shape[1] * xb.shape[2] - dq.shape[1])).reshape(xb.shape)
+    h = torch.nn.functional.pad(hessian.float(), (0, xb.shape[1] * xb.shape[2] - hessian.shape[0]) * 2)
+    return scale_search.block_error(xb, dq, scale_search.hessian_blocks(h, state.block_size))
+
+
+def _codes_under(x: torch.Tensor, state) -> torch.Tensor:
+    """The reference's packed E2M1 codes of x under the state's own block scales."""
+    xb = _padded_blocks(x, state)
+    if state.global_scale is not None:
+        total = state.scale.float() * state.global_scale.float()
+    else:
+        total = torch.exp2(state.scale.float() - 127)
+    codes = reference.e2m1_encode(reference._safe_div(xb, total.unsqueeze(-1)))
+    return reference.pack_4bit(codes.reshape(xb.shape[0], -1))
+
+
+# Hessian errors come from tensor-core dots whose summation order PyTorch does not reproduce: where two
+# candidates' errors lie within rounding of each other, the kernel may keep the other one. Allowed: at
+# most this fraction of blocks, each with a reference error within this relative distance of the best.
+HESSIAN_MAX_DIFFERING = 0.01
+HESSIAN_REL_TOL = 1e-6
+
+
+def assert_search_matches(x: torch.Tensor, scheme: str, method: str, block_size: int | None = None, **opts) -> None:
+    """SSE: every stored tensor and the dequantized output equal the reference's. Hessian: the same,
+    except near-tied blocks (HESSIAN_*), whose codes are still the reference encoding under the scale
+    the kernel kept."""
+    if method == "sse":
+        assert_same_state(x, scheme, block_size=block_size, method=method, **opts)
+        return
+    ref = quantize(x, scheme, block_size=block_size, backend="reference", method=method, **opts)
+    tri = quantize(x, scheme, block_size=block_size, backend="triton", method=method, **opts)
+    s_tri, s_ref = _bits(tri.scale), _bits(ref.scale)
+    assert s_tri.dtype == s_ref.dtype and s_tri.shape == s_ref.shape
+    assert torch.equal(tri.qdata, _codes_under(x, tri))
+    differ = s_tri != s_ref
+    assert differ.float().mean().item() <= HESSIAN_MAX_DIFFERING, f"{differ.sum().item()} of {differ.numel()} differ"
+    e_tri = _block_errors(x, tri, opts["hessian"])[differ]
+    e_ref = _block_errors(x, ref, opts["hessian"])[differ]
+    assert torch.all(e_tri <= e_ref * (1 + HESSIAN_REL_TOL)), ((e_tri - e_ref) / e_ref).max().item()
+
+
+SEARCHES = [("nvfp4", "sse"), ("nvfp4", "hessian"), ("mxfp4", "sse"), ("mxfp4", "hessian")]
+
+
+@pytest.mark.parametrize(("scheme", "method"), SEARCHES, ids=lambda v: v)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_search_matches_reference(scheme: str, method: str, dtype: torch.dtype) -> None:
+    """Both searches, both formats, every input dtype; 200 columns are padded to whole blocks (and the
+    Hessian with zero rows and columns)."""
+    x = _weights((5, 200), dtype)
+    opts = {"hessian": _hessian(200)} if method == "hessian" else {}
+    assert_search_matches(x, scheme, method, **opts)
+
+
+@pytest.mark.parametrize(("scheme", "method"), SEARCHES, ids=lambda v: v)
+@pytest.mark.parametrize(("block", "cols"), [(6, 24), (48, 96), (330, 330)], ids=["block6", "block48", "block330"])
+def test_search_block_sizes(scheme: str, method: str, block: int, cols: int) -> None:
+    """A block under the Hessian kernel's 16-wide dot (padded), one that is not a power of two, and a
+    wide one (SSE: split over threads; Hessian: wider than the kernel takes, so the reference runs)."""
+    x = _weights((3, cols), torch.float16)
+    opts = {"hessian": _hessian(cols)} if method == "hessian" else {}
+    assert_search_matches(x, scheme, method, block_size=block, **opts)
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+def test_search_extreme_magnitudes(scheme: str) -> None:
+    """fp32 subnormals, tiny and huge blocks, and (NVFP4) a global scale far too small or too large for
+    the weights: candidate scales that underflow to 0, saturate E4M3, or sit at E8M0's ends."""
+    rows = [
+        torch.full((32,), 1e-40),
+        torch.linspace(-3e-39, 2e-39, 32),
+        torch.linspace(-1e-30, 1e-30, 32),
+        torch.linspace(-3e30, 1e30, 32),
+        torch.randn(32) * 1e-20,
+        torch.randn(32),
+    ]
+    x = torch.stack(rows).to(DEVICE)
+    assert_search_matches(x, scheme, "sse")
+    if scheme == "nvfp4":
+        for gs in (1e-38, 1e-3, 1e30):
+            assert_search_matches(x, scheme, "sse", global_scale=torch.tensor(gs, device=DEVICE))
+
+
+def test_search_ties_keep_the_first_candidate() -> None:
+    """Blocks already on a coarse grid: several candidate scales reproduce them exactly (error 0), and
+    the first of those wins in both implementations."""
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    x = grid[torch.randint(0, 8, (4, 64))] * torch.where(torch.rand(4, 64) < 0.5, -1.0, 1.0)
+    x[:, 0] = 6.0
+    assert_search_matches(x.to(DEVICE), "nvfp4", "sse", global_scale=torch.tensor(1.0, device=DEVICE))
+    assert_search_matches(x.to(DEVICE), "mxfp4", "sse")
+
+
 # ---- the custom ops ---------------------------------------------------------------------------------------------
 
 
@@ -208,6 +324,7 @@ def _op_samples() -> list[tuple[str, tuple]]:
     qf, sf = reference.quantize_fp8(x, 32)
     qn, sn = reference.quantize_nvfp4(x, 16, gs)
     qm, sm = reference.quantize_mxfp4(x, 32)
+    h = _hessian(64)
     return [
         ("quantize_codebook", (x, 32, nf4, True)),
         ("quantize_codebook", (x, 32, nf8, False)),
@@ -224,6 +341,10 @@ def _op_samples() -> list[tuple[str, tuple]]:
         ("dequantize_nvfp4", (qn, sn, gs, 16, torch.bfloat16)),
         ("quantize_mxfp4", (x, 32)),
         ("dequantize_mxfp4", (qm, sm, 32, torch.float16)),
+        ("search_nvfp4", (x, 16, gs, None)),
+        ("search_nvfp4", (x, 16, gs, scale_search.hessian_blocks(h, 16))),
+        ("search_mxfp4", (x, 32, None)),
+        ("search_mxfp4", (x, 32, scale_search.hessian_blocks(h, 32))),
     ]
 
 

@@ -18,6 +18,7 @@ from .triton import fp8 as _fp8
 from .triton import integer as _integer
 from .triton import mxfp4 as _mxfp4
 from .triton import nvfp4 as _nvfp4
+from .triton import search as _search
 
 Tensor = torch.Tensor
 _U8, _F32, _F8 = torch.uint8, torch.float32, torch.float8_e4m3fn
@@ -173,6 +174,29 @@ def _(qdata: Tensor, scale: Tensor, block_size: int, dtype: torch.dtype) -> Tens
     return qdata.new_empty(_dequant_shape(qdata, True), dtype=dtype)
 
 
+# ---- block-scale searches (nvfp4, mxfp4: sse or hessian) ---------------------------------------------------
+
+
+@custom_op("quanta::search_nvfp4", mutates_args=())
+def search_nvfp4(x: Tensor, block_size: int, global_scale: Tensor, hessian: Tensor | None) -> tuple[Tensor, Tensor]:
+    return _search.search_nvfp4(x, block_size, global_scale, hessian)
+
+
+@search_nvfp4.register_fake
+def _(x: Tensor, block_size: int, global_scale: Tensor, hessian: Tensor | None) -> tuple[Tensor, Tensor]:
+    return x.new_empty(_codes_shape(x, True), dtype=_U8), x.new_empty(_scale_shape(x, block_size), dtype=_F8)
+
+
+@custom_op("quanta::search_mxfp4", mutates_args=())
+def search_mxfp4(x: Tensor, block_size: int, hessian: Tensor | None) -> tuple[Tensor, Tensor]:
+    return _search.search_mxfp4(x, block_size, hessian)
+
+
+@search_mxfp4.register_fake
+def _(x: Tensor, block_size: int, hessian: Tensor | None) -> tuple[Tensor, Tensor]:
+    return x.new_empty(_codes_shape(x, True), dtype=_U8), x.new_empty(_scale_shape(x, block_size), dtype=_U8)
+
+
 # ---- what ops.TRITON holds: the reference signatures over the custom ops -----------------------------------
 
 
@@ -193,4 +217,6 @@ TRITON_OPS: dict[str, Callable[..., object]] = {
     "dequantize_nvfp4": torch.ops.quanta.dequantize_nvfp4,
     "quantize_mxfp4": torch.ops.quanta.quantize_mxfp4,
     "dequantize_mxfp4": torch.ops.quanta.dequantize_mxfp4,
+    "search_nvfp4": torch.ops.quanta.search_nvfp4,
+    "search_mxfp4": torch.ops.quanta.search_mxfp4,
 }

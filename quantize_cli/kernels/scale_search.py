@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .constants import E2M1_EMAX, E8M0_BIAS, F4_E2M1_MAX, F8_E4M3_MAX
-from .reference import _blocks, _floor_log2, _safe_div, e2m1_decode, e2m1_encode, pack_4bit
+from .reference import _blocks, _div, _floor_log2, _safe_div, e2m1_decode, e2m1_encode, pack_4bit
 
 Tensor = torch.Tensor
 
@@ -36,11 +36,25 @@ def hessian_blocks(hessian: Tensor, block_size: int) -> Tensor:
     return h[idx, :, idx, :]
 
 
+def pairwise_sum(v: Tensor) -> Tensor:
+    """Sum over the last dimension in a fixed order: zero-padded to a power of two, adjacent pairs
+    added, then pairs of those, and so on. The Triton search sums its squared errors in this order, so
+    both see the same floats and pick the same candidate even when two errors differ by one rounding."""
+    width = v.shape[-1]
+    pad = (1 << max(width - 1, 0).bit_length()) - width
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    while v.shape[-1] > 1:
+        v = v[..., 0::2] + v[..., 1::2]
+    return v[..., 0]
+
+
 def block_error(xb: Tensor, dq: Tensor, hessian: Tensor | None) -> Tensor:
-    """Per-block error of (rows, nb, B) values: sum of squares, or r^T H_b r with r = xb - dq."""
+    """Per-block error of (rows, nb, B) values: sum of squares (``pairwise_sum`` order), or r^T H_b r
+    with r = xb - dq."""
     r = xb - dq
     if hessian is None:
-        return (r * r).sum(dim=-1)
+        return pairwise_sum(r * r)
     return torch.einsum("rbi,bij,rbj->rb", r, hessian, r)
 
 
@@ -54,8 +68,9 @@ def search_nvfp4(x: Tensor, block_size: int, global_scale: Tensor, hessian: Tens
     """NVFP4 with searched E4M3 block scales. Returns (packed codes, float8_e4m3fn scales) like
     ``reference.quantize_nvfp4``; the first candidate wins a tie, so ``NVFP4_STEPS`` order matters."""
     xb = _blocks(x, block_size)
-    gs = global_scale.float()
-    naive = torch.clamp(xb.abs().amax(dim=-1) / F4_E2M1_MAX / gs, max=F8_E4M3_MAX).to(torch.float8_e4m3fn)
+    gs = global_scale.to(device=x.device, dtype=torch.float32)  # a CPU 0-d tensor would divide as a scalar
+    # the naive scale exactly as reference.quantize_nvfp4 computes it (true divisions on every device)
+    naive = torch.clamp(_div(xb.abs().amax(dim=-1), F4_E2M1_MAX) / gs, max=F8_E4M3_MAX).to(torch.float8_e4m3fn)
     naive_bits = naive.view(torch.uint8).to(torch.int32)
     best_err = torch.full(naive.shape, float("inf"), device=x.device)
     best_bits = naive_bits.clone()

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..api import check_block_size, dequantize, quantize
 from ..format import SUFFIXES
-from ..schemes import QuantState, get_scheme
+from ..schemes import QuantState, Scheme, get_scheme
 from .functional import codebook, fake_quantize_input, quant_linear
 
 Tensor = torch.Tensor
@@ -323,9 +323,9 @@ class QuantLinear(nn.Module):
         )
 
 
-def _block_for(spec: Any, block_size: int | None, in_features: int) -> int | None:
+def _block_for(spec: Scheme, block_size: int | None, in_features: int) -> int | None:
     """The module's block size: per-row schemes (W8A8) always use the whole row."""
-    if getattr(spec, "per_row", False):
+    if spec.per_row:
         if block_size not in (None, in_features):
             raise ValueError(f"{spec.name} uses one scale per row; block_size must be None (got {block_size})")
         return in_features

@@ -15,7 +15,8 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,9 @@ from rich.progress import (
 from ..api import quantize
 from ..errors import QuantaError
 from ..format import FORMAT, FORMAT_VERSION, MAP_FILE, map_entry, state_to_tensors
+from ..schemes import get_scheme
 from .inspect import human_bytes
-from .plan import Plan, TensorPlan, make_plan
+from .plan import Plan, TensorPlan, input_scale_name, linear_name, make_plan, needs_calibration
 from .recipe import Recipe, build_recipe
 from .source import PICKLE_INDEX, PICKLE_SUFFIXES, Source, SourceReader, resolve_source
 from .writer import INDEX_FILE, ShardWriter, Staging, index_json, parse_size, shard_names, write_json
@@ -126,16 +128,19 @@ def convert(
     allow_pickle: bool = False,
     progress: bool = True,
     log: Log | None = None,
+    method: str | None = None,
+    calibration: CalibrationInput | None = None,
 ) -> ConvertResult:
     """Convert ``model`` (hub id, folder or .safetensors file) into a quanta folder; see DESIGN §1, §3, §6.
 
-    ``scheme``/``block_size``/``ignore`` build a recipe or override ``recipe`` (a YAML file). ``out``
+    ``scheme``/``block_size``/``ignore``/``method`` build a recipe or override ``recipe`` (a YAML file). ``out``
     defaults to ``<model name>-<scheme or recipe name>`` in the working directory. ``log`` receives
-    warnings (default: the ``quanta`` logger).
+    warnings (default: the ``quanta`` logger). Calibrated schemes (int8-static) and ``method="hessian"``
+    read ``calibration``: a statistics file from ``quanta calibrate``, or data to calibrate on first.
     """
     log = log or _log.warning
     started = time.perf_counter()
-    used = build_recipe(recipe, scheme, block_size, tuple(ignore))
+    used = build_recipe(recipe, scheme, block_size, tuple(ignore), method)
     dev = resolve_device(device)
     max_bytes = parse_size(max_shard_size)
     source = resolve_source(model, revision, allow_pickle)
@@ -147,11 +152,28 @@ def convert(
     plan = make_plan(source, used, max_bytes)
     for w in plan.warnings:
         log(w)
-    fingerprint = _fingerprint(source, used, plan, max_bytes)
-    done = _prepare(staging, fingerprint, resume, log)
+    with _calibration_stats(plan, calibration or CalibrationInput(), source, staging, progress, log) as stats:
+        fingerprint = _fingerprint(source, used, plan, max_bytes, stats)
+        done = _prepare(staging, fingerprint, resume, log)
+        result = _run(plan, source, used, staging, dev, done, fingerprint, progress, stats)
+    return _result(staging.target, source, used, plan, result, time.perf_counter() - started)
+
+
+def _run(
+    plan: Plan,
+    source: Source,
+    used: Recipe,
+    staging: Staging,
+    dev: torch.device,
+    done: dict[str, Any],
+    fingerprint: str,
+    progress: bool,
+    stats: Any,
+) -> int:
+    """Write the shards and the side files into the staging folder and publish it; returns shards resumed."""
     try:
         resumed = len(done)
-        _write_shards(plan, source, staging.tmp, dev, done, fingerprint, progress)
+        _write_shards(plan, source, staging.tmp, dev, done, fingerprint, progress, stats)
         _finish(staging.tmp, source, used, plan, done)
         staging.publish()
     except KeyboardInterrupt:
@@ -161,10 +183,55 @@ def convert(
     except BaseException:
         staging.discard()
         raise
-    return _result(staging.target, source, used, plan, resumed, time.perf_counter() - started)
+    return resumed
 
 
-def _fingerprint(source: Source, recipe: Recipe, plan: Plan, max_bytes: int) -> str:
+@dataclass
+class CalibrationInput:
+    """Where calibration statistics come from: an existing ``file``, or ``data`` to calibrate on now."""
+
+    file: str | Path | None = None
+    data: str | None = None
+    samples: int = 128
+    seq_len: int = 512
+
+
+@contextmanager
+def _calibration_stats(
+    plan: Plan, given: CalibrationInput, source: Source, staging: Staging, progress: bool, log: Log
+) -> Iterator[Any]:
+    """The CalibrationStats the plan needs (None if it needs none), checked against every planned tensor."""
+    from ..calibration import CalibrationStats, calibrate  # noqa: PLC0415 - calibration imports the pipeline
+
+    wanted = [tp for tp in plan.quantized if needs_calibration(tp.target)]
+    if not wanted:
+        if given.file is not None or given.data is not None:
+            log("calibration given, but no planned tensor uses it (int8-static or --method hessian do)")
+        yield None
+        return
+    if given.file is None and given.data is None:
+        first = wanted[0]
+        raise QuantaError(
+            f"{first.name} ({first.target.scheme}, method {first.target.kwargs.get('method', 'naive')}) needs "
+            "calibration data: pass --calibration FILE from `quanta calibrate`, or --data to calibrate now"
+        )
+    scratch = None
+    if given.file is None:
+        scratch = staging.target.with_name(f".{staging.target.name}.quanta-calib.safetensors")
+        calibrate(source.model, given.data, scratch, given.samples, given.seq_len, overwrite=True,
+                  show_progress=progress)  # fmt: skip
+    try:
+        stats = CalibrationStats(scratch or given.file)
+        missing = [tp.name for tp in wanted if linear_name(tp.name) not in stats.linears]
+        if missing:
+            raise QuantaError(f"calibration file {stats.path} has no statistics for {missing[0]}")
+        yield stats
+    finally:
+        if scratch is not None:
+            scratch.unlink(missing_ok=True)
+
+
+def _fingerprint(source: Source, recipe: Recipe, plan: Plan, max_bytes: int, stats: Any = None) -> str:
     """A hash of everything that decides the output bytes: source files, recipe, plan, shard budget."""
     from .. import __version__
 
@@ -176,6 +243,7 @@ def _fingerprint(source: Source, recipe: Recipe, plan: Plan, max_bytes: int) -> 
         recipe.to_dict(),
         plan.describe(),
         max_bytes,
+        None if stats is None else stats.metadata,  # settings, data, samples: what decided the statistics
     ]
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
 
@@ -224,7 +292,14 @@ def _progress(enabled: bool) -> Progress:
 
 
 def _write_shards(
-    plan: Plan, source: Source, tmp: Path, dev: torch.device, done: dict[str, Any], fingerprint: str, show: bool
+    plan: Plan,
+    source: Source,
+    tmp: Path,
+    dev: torch.device,
+    done: dict[str, Any],
+    fingerprint: str,
+    show: bool,
+    stats: Any = None,
 ) -> None:
     """Write every shard not in ``done``, recording each in the progress file as it completes."""
     names = shard_names(len(plan.shards))
@@ -246,7 +321,7 @@ def _write_shards(
             with ShardWriter(tmp / names[k], plan.shard_specs(k)) as writer:
                 for name in shard:
                     tp = plan.tensors[name]
-                    tensors, entry = _convert_tensor(tp, reader.get(name), dev)
+                    tensors, entry = _convert_tensor(tp, reader.get(name), dev, stats)
                     for out_name, t in tensors.items():
                         writer.write(out_name, t)
                     if entry is not None:
@@ -260,18 +335,30 @@ def _write_shards(
 
 
 def _convert_tensor(
-    tp: TensorPlan, tensor: torch.Tensor, dev: torch.device
+    tp: TensorPlan, tensor: torch.Tensor, dev: torch.device, stats: Any = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """(output tensors on the CPU, map entry or None) for one source tensor."""
+    """(output tensors on the CPU, map entry or None) for one source tensor.
+
+    ``stats`` (CalibrationStats) supplies X^T X for ``method="hessian"`` and the static activation scale
+    of calibrated schemes, written as ``P.input_scale``.
+    """
     if tp.target is None:
         return {tp.name: tensor}, None
     t = tp.target
+    options = dict(t.kwargs)
+    if options.get("method") == "hessian":
+        options["hessian"] = stats.hessian(linear_name(tp.name)).to(dev)
     try:
-        state = quantize(tensor.to(dev), t.scheme, t.block_size, backend="auto", **t.kwargs)
+        state = quantize(tensor.to(dev), t.scheme, t.block_size, backend="auto", **options)
     except ValueError as exc:
         raise QuantaError(f"cannot quantize tensor {tp.name} ({tp.info.file.name}): {exc}") from None
     tensors = {k: v.to("cpu") for k, v in state_to_tensors(tp.name, state).items()}
-    return tensors, map_entry(state, METHOD, **t.kwargs)
+    extra = {k: v for k, v in t.kwargs.items() if k != "method"}  # the scheme option is the map's "method"
+    if get_scheme(t.scheme).needs_calibration:
+        scale_name = input_scale_name(tp.name)
+        tensors[scale_name] = stats.input_scale(linear_name(tp.name)).float()
+        extra["input_scale"] = scale_name
+    return tensors, map_entry(state, t.kwargs.get("method", METHOD), **extra)
 
 
 def _quantization_map(source: Source, recipe: Recipe, entries: dict[str, Any]) -> dict[str, Any]:

@@ -185,8 +185,9 @@ def _layout(target: Target, cols: int, dtype: torch.dtype) -> dict[str, tuple[to
     """
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, cols, generator=g).to(dtype)
-    one = state_to_tensors("", quantize(x[:1], target.scheme, target.block_size, backend="reference", **target.kwargs))
-    two = state_to_tensors("", quantize(x, target.scheme, target.block_size, backend="reference", **target.kwargs))
+    kwargs = {k: v for k, v in target.kwargs.items() if k != "method"}  # the layout does not depend on it
+    one = state_to_tensors("", quantize(x[:1], target.scheme, target.block_size, backend="reference", **kwargs))
+    two = state_to_tensors("", quantize(x, target.scheme, target.block_size, backend="reference", **kwargs))
     out = {}
     for suffix, t1 in one.items():
         t2 = two[suffix]
@@ -207,10 +208,30 @@ def _outputs(info: TensorInfo, target: Target | None) -> dict[str, TensorSpec]:
     except Exception as exc:  # a scheme refusing these options/shape: report it against the tensor
         raise QuantaError(f"cannot quantize {info.name} with {target.scheme}: {exc}") from None
     rows = info.shape[0]
-    return {
+    outputs = {
         info.name + sfx: TensorSpec(dt, (rows, *shape[1:]) if grows else shape)
         for sfx, (dt, shape, grows) in layout.items()
     }
+    if get_scheme(target.scheme).needs_calibration:
+        outputs[input_scale_name(info.name)] = TensorSpec(torch.float32, ())
+    return outputs
+
+
+def needs_calibration(target: Target | None) -> bool:
+    """Whether ``target`` reads calibration statistics: a calibrated scheme, or the Hessian method."""
+    return target is not None and (
+        get_scheme(target.scheme).needs_calibration or target.kwargs.get("method") == "hessian"
+    )
+
+
+def linear_name(weight_name: str) -> str:
+    """``model.layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj`` (the module calibration saw)."""
+    return weight_name.removesuffix(".weight")
+
+
+def input_scale_name(weight_name: str) -> str:
+    """Where a static activation scale is stored: ``P.input_scale`` next to ``P.weight``."""
+    return linear_name(weight_name) + ".input_scale"
 
 
 def make_plan(source: Source, recipe: Recipe, max_shard_bytes: int) -> Plan:

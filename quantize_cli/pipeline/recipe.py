@@ -129,8 +129,6 @@ def _check_scheme(
         check_block_size(spec, block_size)
     except ValueError as exc:
         raise QuantaError(f"{where}: {exc}") from None
-    if spec.needs_calibration:
-        raise QuantaError(f"{where}: scheme {spec.name} needs calibration data; run `quanta calibrate` first")
     for key, value in options.items():
         if key not in spec.options:
             valid = ", ".join(keys + spec.options)
@@ -213,8 +211,10 @@ def build_recipe(
     scheme: str | None = None,
     block_size: int | None = None,
     ignore: tuple[str, ...] | list[str] = (),
+    method: str | None = None,
 ) -> Recipe:
-    """The recipe a conversion uses: a file (or plain nf4) with ``scheme``/``block_size``/``ignore`` on top."""
+    """The recipe a conversion uses: a file (or plain nf4) with ``scheme``/``block_size``/``ignore``/``method``
+    on top."""
     base = load_recipe(recipe) if recipe is not None else Recipe(name="nf4")
     where = f"recipe {recipe}" if recipe is not None else "command line"
     new_scheme = base.scheme if scheme is None else scheme
@@ -222,6 +222,8 @@ def build_recipe(
     options = base.options
     if scheme is not None and scheme.lower() not in _NONE and get_scheme(scheme).name != base.scheme:
         options = {}  # the recipe's top-level options belong to the scheme the command line replaced
+    if method is not None:
+        options = {**options, "method": method}
     flags = where if recipe is None else f"{where} with --scheme/--block-size"
     checked, block = _check_scheme(flags, new_scheme, new_block, options, _TOP_KEYS)
     name = base.name if recipe is not None else checked or "none"
