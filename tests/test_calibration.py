@@ -115,10 +115,10 @@ def test_layerwise_matches_full_forward_and_holds_one_layer(smollm2: Path, text_
 
     real_run_layer = lw.run_layer
 
-    def counting_run_layer(layer, hidden, kwargs, stats):
-        model_params = sum(p.numel() for p in layer.parameters() if p.device.type != "meta")
-        resident.append(model_params)
-        return real_run_layer(layer, hidden, kwargs, stats)
+    def counting_run_layer(layer, hidden, args, kwargs, stats):
+        model = run.model  # the whole skeleton: only this layer may be real
+        resident.append(sum(p.numel() for p in model.parameters() if p.device.type != "meta"))
+        return real_run_layer(layer, hidden, args, kwargs, stats)
 
     lw.run_layer = counting_run_layer
     try:

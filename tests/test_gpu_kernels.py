@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quantize_cli import dequantize, quantize
-from quantize_cli.kernels import ops, reference
+from quantize_cli.kernels import ops, reference, scale_search
 from quantize_cli.kernels.constants import NF4_CODEBOOK, codebook_search_tables, codebook_tensor
 
 pytestmark = [
@@ -152,3 +152,82 @@ def test_equals_bitsandbytes_cuda(quant_type: str, dtype: torch.dtype) -> None:
     out, out_bnb = dequantize(ours, backend="triton").reshape(-1, 64), bnb.dequantize_4bit(q_bnb, state).reshape(-1, 64)
     same = ~(diff & near)
     assert torch.equal(out[same], out_bnb[same])
+
+
+# ---- NVFP4 / MXFP4 block-scale searches ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("shape", [(4096, 11008), (4097, 11000), (14336, 4096)], ids=lambda s: "x".join(map(str, s)))
+def test_search_sse_large(scheme: str, shape: tuple[int, int]) -> None:
+    """SSE search: codes, scales and dequantized output bit-identical to the reference on CUDA."""
+    assert_same_state(_weights(shape, torch.float16), scheme, method="sse")
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_search_sse_fp32_bf16_and_the_cpu_definition(scheme: str, dtype: torch.dtype) -> None:
+    x = _weights((1031, 4100), dtype, seed=5)
+    assert_same_state(x, scheme, method="sse")
+    tri = quantize(x, scheme, method="sse", backend="triton")
+    _assert_equal_states(tri, quantize(x.cpu(), scheme, method="sse", backend="reference"), scheme)
+
+
+def _calibration_hessian(cols: int, seed: int = 6) -> torch.Tensor:
+    """X^T X / n of activations with unequal channel scales, correlated neighbours and a few outliers."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randn(2048, cols, device="cuda", generator=g) * torch.logspace(-1, 1, cols, device="cuda")
+    a = a + 0.5 * torch.roll(a, 1, dims=1)
+    a[:, :: max(1, cols // 16)] *= 20.0
+    return a.T @ a / a.shape[0]
+
+
+def _padded_blocks(x: torch.Tensor, state) -> torch.Tensor:
+    rows, width = state.qdata.shape
+    x2 = x.reshape(rows, -1).float()
+    return torch.nn.functional.pad(x2, (0, 2 * width - x2.shape[1])).reshape(rows, -1, state.block_size)
+
+
+def _hessian_errors(x: torch.Tensor, state, h: torch.Tensor) -> torch.Tensor:
+    xb = _padded_blocks(x, state)
+    dq = dequantize(state, backend="reference").float().reshape(xb.shape[0], -1)
+    dq = torch.nn.functional.pad(dq, (0, xb.shape[1] * xb.shape[2] - dq.shape[1])).reshape(xb.shape)
+    hp = torch.nn.functional.pad(h.float(), (0, xb.shape[1] * xb.shape[2] - h.shape[0]) * 2)
+    return scale_search.block_error(xb, dq, scale_search.hessian_blocks(hp, state.block_size))
+
+
+# Same bounds as tests/test_triton_kernels.py: the tensor-core error may break near-ties the other way.
+HESSIAN_MAX_DIFFERING = 0.01
+HESSIAN_REL_TOL = 1e-6
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1031, 4100)], ids=lambda s: "x".join(map(str, s)))
+def test_search_hessian_large(scheme: str, shape: tuple[int, int]) -> None:
+    """Hessian search: scales equal the reference's except on near-tied blocks (a bounded fraction, each
+    within HESSIAN_REL_TOL of the reference's best error); codes are the reference encoding under the
+    kernel's scales."""
+    x = _weights(shape, torch.float16, seed=7)
+    h = _calibration_hessian(shape[1])
+    ref = quantize(x, scheme, method="hessian", hessian=h, backend="reference")
+    tri = quantize(x, scheme, method="hessian", hessian=h, backend="triton")
+    xb = _padded_blocks(x, tri)
+    if scheme == "nvfp4":
+        assert torch.equal(tri.global_scale, ref.global_scale)
+        total = tri.scale.float() * tri.global_scale.float()
+    else:
+        total = torch.exp2(tri.scale.float() - 127)
+    codes = reference.e2m1_encode(reference._safe_div(xb, total.unsqueeze(-1)))
+    assert torch.equal(tri.qdata, reference.pack_4bit(codes.reshape(xb.shape[0], -1)))
+    differ = _bits(tri.scale) != _bits(ref.scale)
+    e_tri = _hessian_errors(x, tri, h)[differ]
+    e_ref = _hessian_errors(x, ref, h)[differ]
+    gap = ((e_tri - e_ref) / e_ref).max().item() if differ.any() else 0.0
+    print(f"{scheme} {shape}: {differ.sum().item()} of {differ.numel()} scales differ, largest error gap {gap:.2e}")
+    assert differ.float().mean().item() <= HESSIAN_MAX_DIFFERING
+    assert gap <= HESSIAN_REL_TOL
+
+
+def test_search_ops_are_registered() -> None:
+    assert ops.resolve("search_nvfp4", "auto", torch.device("cuda")) is torch.ops.quanta.search_nvfp4
+    assert ops.resolve("search_mxfp4", "auto", torch.device("cuda")) is torch.ops.quanta.search_mxfp4

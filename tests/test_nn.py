@@ -273,3 +273,22 @@ def test_bad_arguments() -> None:
         Linear4bit(IN, OUT).quant_state()
     with pytest.raises(ValueError, match="2-D"):
         QuantLinear.from_state(quantize(torch.randn(4, 4, 64), "nf4"))
+
+
+def test_int8_static_int_mm_path_equals_fake_quantized_matmul() -> None:
+    """The torch._int_mm kernel (registered for CUDA) run on the CPU against the dequantize path."""
+    from quantize_cli.nn.functional import dequantize_linear, int8_static_linear
+
+    w = torch.randn(48, 64)
+    state = quantize(w, "int8-static")
+    x = torch.randn(3, 5, 64)
+    s = x.abs().amax() / 127 * 0.8  # clip a little so the clamp is exercised
+    bias = torch.randn(48)
+    got = int8_static_linear(x, state, bias, s)
+    want = dequantize_linear(x.double(), state, bias.double(), s)
+    assert got.shape == (3, 5, 48)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # Exact integer check: the int32 accumulator equals the float64 product of the codes.
+    xq = torch.round(x.reshape(-1, 64) / s).clamp(-127, 127)
+    exact = (xq.double() @ state.qdata.double().T) * s.double() * state.scale.double().reshape(1, -1) + bias.double()
+    torch.testing.assert_close(got.reshape(-1, 48).double(), exact, rtol=1e-6, atol=1e-5)

@@ -31,10 +31,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 from quantize_cli import SCHEMES, QuantLinear, dequantize, load_quantized, quantize
+from quantize_cli.calibration import calibrate
 from quantize_cli.cli import app
 from quantize_cli.errors import QuantaError
-from quantize_cli.format import FORMAT, FORMAT_VERSION, MAP_FILE, map_entry, state_to_tensors
+from quantize_cli.format import MAP_FILE
 from quantize_cli.pipeline import convert
+from quantize_cli.pipeline.convert import CalibrationInput
 from quantize_cli.reload import dequantize_folder, generate, read_map, summarize
 from quantize_cli.schemes.base import parse_dtype
 
@@ -58,53 +60,31 @@ def _converted(factory: pytest.TempPathFactory, source: Path, **kwargs: Any) -> 
     return _FOLDERS[key]
 
 
-def _static_folder(factory: pytest.TempPathFactory, source: Path, ref: nn.Module, inputs: dict, pattern: str) -> Path:
-    """A quanta folder for a calibrated W8A8 scheme (int8-static), written here with the format helpers
-    while the converter has no calibration input: the Linear weights matching ``pattern`` quantized per
-    row, and ``P.input_scale`` = max |input| / 127 measured on ``inputs`` (a one-batch calibration)."""
-    key = (source, "int8-static", pattern)
-    if key in _FOLDERS:
-        return _FOLDERS[key]
-    names = [n for n, m in ref.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
-    ranges: dict[str, torch.Tensor] = {}
-    hooks = [ref.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: ranges.__setitem__(n, args[0].detach().abs().amax().float())) for n in names]  # fmt: skip
-    with torch.no_grad():
-        ref(**inputs)
-    for h in hooks:
-        h.remove()
-    out = factory.mktemp(f"{source.name[:8]}-int8-static") / "out"
-    out.mkdir()
-    tensors, entries = {}, {}
-    with safe_open(source / "model.safetensors", framework="pt") as f:
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
-    for n in names:
-        state = quantize(tensors[f"{n}.weight"], "int8-static")
-        tensors.update(state_to_tensors(f"{n}.weight", state))
-        tensors[f"{n}.input_scale"] = (ranges[n] / 127).reshape(())
-        entries[f"{n}.weight"] = map_entry(state)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    for side in source.iterdir():
-        if side.is_file() and side.suffix != ".safetensors" and not side.name.startswith("."):
-            shutil.copy(side, out / side.name)
-    config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": FORMAT, "format_version": FORMAT_VERSION}
-    (out / "config.json").write_text(json.dumps(config))
-    qmap = {"format": FORMAT, "format_version": FORMAT_VERSION, "quanta_version": "test", "source": str(source),
-            "recipe": {"scheme": "int8-static"}, "tensors": entries}  # fmt: skip
-    (out / MAP_FILE).write_text(json.dumps(qmap))
-    _FOLDERS[key] = out
-    return out
+CALIBRATION_TEXT = (
+    "The lighthouse keeper climbed the stairs each evening to light the lamp. Ships passed the rocks in the "
+    "dark, their crews trusting the beam that swept across the water every few seconds. In winter the storms "
+    "came from the north and the keeper stayed awake through the night, listening to the waves. "
+) * 8
+
+
+def _calibration_file(factory: pytest.TempPathFactory, source: Path) -> Path:
+    """Statistics from `quanta calibrate`'s library function on a short local text (one per model)."""
+    key = (source, "calibration")
+    if key not in _FOLDERS:
+        folder = factory.mktemp(f"{source.name[:8]}-calib")
+        text = folder / "calib.txt"
+        text.write_text(CALIBRATION_TEXT)
+        _FOLDERS[key] = calibrate(str(source), str(text), folder / "calib.safetensors", samples=2, seq_len=32,
+                                  show_progress=False)  # fmt: skip
+    return _FOLDERS[key]
 
 
 def _folder(
     factory: pytest.TempPathFactory, source: Path, scheme: str, ref: nn.Module, inputs: dict, **kw: Any
 ) -> Path:
-    """The converter's folder for ``scheme``; for a scheme that needs calibration, :func:`_static_folder`."""
+    """The converter's folder for ``scheme``; a calibrated scheme gets a calibration file first."""
     if SCHEMES[scheme].needs_calibration:
-        blocks = r"model\.layers\.[0-2]\..*" if "ignore" in kw else r"encoder\.layer\.\d+\..*"
-        return _static_folder(factory, source, ref, inputs, blocks)
+        kw["calibration"] = CalibrationInput(file=_calibration_file(factory, source))
     return _converted(factory, source, scheme=scheme, **kw)
 
 

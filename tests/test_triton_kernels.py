@@ -18,6 +18,11 @@ from quantize_cli.kernels import ops, reference, scale_search
 from quantize_cli.kernels.constants import E2M1_BOUNDS, FP4_CODEBOOK, NF4_CODEBOOK, codebook_tensor, nf8_codebook
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from quantize_cli.kernels.triton import search  # noqa: E402
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if not (_INTERPRETED or torch.cuda.is_available()):
     pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set before Python starts)", allow_module_level=True)
@@ -257,6 +262,33 @@ def assert_search_matches(x: torch.Tensor, scheme: str, method: str, block_size:
 SEARCHES = [("nvfp4", "sse"), ("nvfp4", "hessian"), ("mxfp4", "sse"), ("mxfp4", "hessian")]
 
 
+@triton.jit
+def _e2m1_round_kernel(y_ptr, v_ptr, idx_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(y_ptr + offs, mask=offs < n, other=0.0)
+    v = search._e2m1_round(y)
+    tl.store(v_ptr + offs, v, mask=offs < n)
+    tl.store(idx_ptr + offs, search._e2m1_index(y), mask=offs < n)
+
+
+def test_search_e2m1_rounding_equals_the_encoder() -> None:
+    """The search kernels' magic-number E2M1 rounding (and its index) equals e2m1_encode / e2m1_decode on
+    every decision bound and grid value with 200 fp32 neighbours each side, on saturating and huge
+    values, subnormals and a uniform sweep of [0, 8)."""
+    points = torch.tensor([*E2M1_BOUNDS, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 1e30])
+    near = [points]
+    up, down = points.clone(), points.clone()
+    for _ in range(200):
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(0.0))
+        near += [up, down]
+    y = torch.cat([*near, torch.rand(100_000) * 8, torch.tensor([float("inf"), 3e38, 1e-45, 1e-40, 1e-38])])
+    y = y.to(DEVICE)
+    v, idx = torch.empty_like(y), torch.empty_like(y, dtype=torch.int32)
+    _e2m1_round_kernel[(triton.cdiv(y.numel(), 4096),)](y, v, idx, y.numel(), BLOCK=4096)
+    codes = reference.e2m1_encode(y)
+    assert torch.equal(v, reference.e2m1_decode(codes)) and torch.equal(idx, codes.to(torch.int32))
+
+
 @pytest.mark.parametrize(("scheme", "method"), SEARCHES, ids=lambda v: v)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_search_matches_reference(scheme: str, method: str, dtype: torch.dtype) -> None:
@@ -275,6 +307,14 @@ def test_search_block_sizes(scheme: str, method: str, block: int, cols: int) -> 
     x = _weights((3, cols), torch.float16)
     opts = {"hessian": _hessian(cols)} if method == "hessian" else {}
     assert_search_matches(x, scheme, method, block_size=block, **opts)
+
+
+@pytest.mark.parametrize(("scheme", "method"), SEARCHES, ids=lambda v: v)
+def test_search_many_row_tiles(scheme: str, method: str) -> None:
+    """More rows than one program takes: programs walk column blocks fastest, then row tiles."""
+    x = _weights((300, 64), torch.bfloat16)
+    opts = {"hessian": _hessian(64)} if method == "hessian" else {}
+    assert_search_matches(x, scheme, method, **opts)
 
 
 @pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])

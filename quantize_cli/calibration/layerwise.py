@@ -114,35 +114,73 @@ def _move(value: Any, device: str) -> Any:
     return value
 
 
+def _outside_layers(model: nn.Module, list_name: str) -> list[tuple[str, nn.Module]]:
+    """The modules with parameters that run before the decoder layers: everything outside the layer list
+    except the output head (e.g. Llama's embed_tokens and final norm, BERT's embeddings and pooler)."""
+    head = model.get_output_embeddings()
+    out = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        inside = name == list_name or name.startswith(list_name + ".")
+        if own and not inside and module is not head:
+            out.append((name, module))
+    return out
+
+
 def layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, windows: Tensor, settings: CalibrationSettings, reader: SourceReader
-) -> tuple[list[Tensor], dict[str, Any]]:
-    """Embed each window and capture layer 0's hidden states and the shared keyword arguments."""
-    embeddings = model.get_input_embeddings()
-    emb_prefix = next(n for n, m in model.named_modules() if m is embeddings)
-    materialise(embeddings, emb_prefix, reader, settings.device, settings.dtype)
+    model: nn.Module,
+    list_name: str,
+    layers: nn.ModuleList,
+    windows: Tensor,
+    settings: CalibrationSettings,
+    reader: SourceReader,
+) -> tuple[list[Tensor], tuple[Any, ...], dict[str, Any]]:
+    """Embed each window; returns layer 0's hidden states and the other arguments the model passes its layers.
+
+    Only the modules outside the layer list (embeddings, small norms) are materialised, and released after.
+    """  # fmt: skip
+    outside = _outside_layers(model, list_name)
+    for name, module in outside:
+        _materialise_own(module, name, reader, settings.device, settings.dtype)
     first = layers[0]
     layers[0] = _Catcher()
     hidden: list[Tensor] = []
+    args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = {}
     try:
         for window in windows:
             try:
                 model(input_ids=window.unsqueeze(0).to(settings.device), use_cache=False)
             except _Caught as caught:
-                hidden.append(caught.layer_args[0] if caught.layer_args else caught.layer_kwargs["hidden_states"])
+                if caught.layer_args:
+                    hidden.append(caught.layer_args[0])
+                    args = caught.layer_args[1:]
+                else:
+                    hidden.append(caught.layer_kwargs["hidden_states"])
                 kwargs = {k: v for k, v in caught.layer_kwargs.items() if k != "hidden_states"}
             except (NotImplementedError, RuntimeError) as exc:
                 if "meta" in str(exc):
                     raise QuantaError(
-                        f"{type(model).__name__} runs modules other than its embeddings before the first decoder "
-                        "layer; layer-wise calibration does not support it"
+                        f"{type(model).__name__} reads its output head before the first decoder layer; "
+                        "layer-wise calibration does not support it"
                     ) from None
                 raise
     finally:
         layers[0] = first
-        release(embeddings)
-    return hidden, {k: _move(v, settings.device) for k, v in kwargs.items()}
+        for _, module in outside:
+            release(module)
+    return hidden, _move(args, settings.device), {k: _move(v, settings.device) for k, v in kwargs.items()}
+
+
+def _materialise_own(module: nn.Module, prefix: str, reader: SourceReader, device: str, dtype: torch.dtype) -> None:
+    """Like :func:`materialise` for ``module``'s own parameters only (not its children's)."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        full = f"{prefix}.{name}" if prefix else name
+        if full not in reader.source.tensors:
+            raise QuantaError(f"tensor {full} is missing from the checkpoint")
+        value_dtype = dtype if param.is_floating_point() else param.dtype
+        value = reader.get(full).to(device=device, dtype=value_dtype)
+        set_module_tensor_to_device(module, name, device, value=value, dtype=value_dtype)
 
 
 @contextmanager
@@ -184,12 +222,14 @@ def observing(layer: nn.Module, settings: CalibrationSettings) -> Iterator[dict[
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, hidden: list[Tensor], kwargs: dict[str, Any], stats_ctx: Any) -> list[Tensor]:
+def run_layer(
+    layer: nn.Module, hidden: list[Tensor], args: tuple[Any, ...], kwargs: dict[str, Any], stats: Any
+) -> list[Tensor]:
     """Run every window through ``layer``; returns the outputs (the next layer's inputs)."""
     out = []
     for h in hidden:
         layer._quanta_seen.clear()  # type: ignore[attr-defined]
-        result = layer(h, **kwargs)
+        result = layer(h, *args, **kwargs)
         out.append(result[0] if isinstance(result, tuple) else result)
     return out
 
@@ -210,15 +250,15 @@ class LayerwiseRun:
     ) -> None:
         if self.source.config is None:
             raise QuantaError("calibration needs a model folder with config.json (a bare .safetensors file has none)")
-        model = build_skeleton(self.source.config)
+        self.model = model = build_skeleton(self.source.config)
         list_name, layers = decoder_layers(model)
         with SourceReader(self.source) as reader:
-            hidden, kwargs = layer_inputs(model, layers, windows, self.settings, reader)
+            hidden, args, kwargs = layer_inputs(model, list_name, layers, windows, self.settings, reader)
             for i, layer in enumerate(layers):
                 prefix = f"{list_name}.{i}"
                 materialise(layer, prefix, reader, self.settings.device, self.settings.dtype)
                 with observing(layer, self.settings) as stats:
-                    hidden = run_layer(layer, hidden, kwargs, stats)
+                    hidden = run_layer(layer, hidden, args, kwargs, stats)
                 release(layer)
                 on_layer(i, prefix, stats)
                 if progress is not None:

@@ -72,3 +72,35 @@ def quant_linear(x: Tensor, state: QuantState, bias: Tensor | None = None, input
 def codebook(scheme: str, device: torch.device) -> Tensor | None:
     """The scheme's codebook on ``device``, built once: it is a constant, never stored with the weight."""
     return get_scheme(scheme).codebook(device)
+
+
+# cuBLASLt's int8 GEMM behind torch._int_mm wants more than 16 rows; smaller batches are zero-padded.
+_INT_MM_MIN_ROWS = 17
+
+
+def int8_static_linear(
+    x: Tensor, state: QuantState, bias: Tensor | None = None, input_scale: Tensor | None = None
+) -> Tensor:
+    """W8A8: ``x`` rounded to int8 with the static ``input_scale``, int8 x int8 -> int32 with
+    ``torch._int_mm``, then ``* input_scale * row scale (+ bias)`` in fp32, returned in ``x.dtype``.
+
+    ``state``: an ``int8-static`` weight, (out_features, in_features) int8 codes with one fp32 scale per
+    row. The int32 accumulation is exact, so this equals :func:`dequantize_linear` up to fp32 rounding.
+    """
+    if input_scale is None:
+        return dequantize_linear(x, state, bias, input_scale)
+    s = input_scale.to(device=x.device, dtype=torch.float32)
+    k = x.shape[-1]
+    xq = torch.round(x.reshape(-1, k).float() / s).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    rows = xq.shape[0]
+    if x.is_cuda and rows < _INT_MM_MIN_ROWS:
+        xq = F.pad(xq, (0, 0, 0, _INT_MM_MIN_ROWS - rows))
+    # qdata is (out, in) row-major, so .t() is the column-major (in, out) operand cuBLASLt takes as is.
+    acc = torch._int_mm(xq, state.qdata.t())[:rows]
+    y = acc.float() * (s * state.scale.reshape(1, -1).float())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+register_quant_linear("cuda", "int8-static")(int8_static_linear)

@@ -1,80 +1,47 @@
 """Triton NVFP4/MXFP4 block-scale searches: the signatures of ``scale_search.search_nvfp4`` and
 ``scale_search.search_mxfp4`` (SSE when ``hessian`` is None, else r^T H_b r).
 
-A program takes ``BB`` rows of one column block ``b``, so the Hessian block ``H_b`` is loaded once
-and serves every row. The tile is (NCH, BB, W): each row's block is NCH chunks of W contiguous
-elements, all held by one thread for narrow blocks, so per-block work (candidate scale, thresholds,
-error reduction) is done once per block rather than once per thread. Per candidate, in registers:
-the codes, ``r = x - Q(x)``, the block error, the best so far; codes and the scale are written once.
+A program takes ``BB`` rows of one column block, so the Hessian block ``H_b`` is loaded once and serves
+every row. The tile is (NCH, BB, W): each row's block is NCH chunks of W contiguous elements, all held
+by one thread for narrow blocks, so per-block work (candidate scale, its reciprocal, the error
+reduction) is done once per block rather than once per thread. Per candidate, in registers: the
+dequantized values, ``r = x - Q(x)``, the block error, the best so far; codes and the scale are
+written once.
 
-Exactness. SSE codes and scales equal the reference bit for bit: the error ``r.r`` is summed in the
-reference's fixed pairwise order (``scale_search.pairwise_sum``) with no fused multiply-adds
-(``enable_fp_fusion=False``), so the strict ``<`` sees the same floats. The Hessian error comes from
-``tl.dot`` on the tensor cores (3 bf16 or tf32 passes, about fp32 accuracy), whose summation order no
-PyTorch reference reproduces, so where two candidates' errors lie within rounding of each other the
-kernel may pick the other one; tests bound how often and by how much (tests/test_triton_kernels.py).
-
-No division per element. The reference encodes ``e2m1(fl(x / t))``. For each strict E2M1 threshold
-``T`` (``common._T``) let ``U`` be the midpoint of ``T`` and the next fp32 up: ``fl(a / t) > T`` iff
-``a / t > U`` iff ``a > U t``, because ``a / t == U`` would need ``a`` to carry 25 significant bits.
-``U t`` is exact in fp64 (25 + 24 bits), and for an fp32 ``a``, ``a > U t`` iff ``a > L`` with ``L``
-the largest fp32 below ``U t`` (its fp64 mantissa truncated). A block is scaled by the power of two
-``s`` that brings its largest candidate scale into [1, 2), so every ``L`` is a normal fp32 and the
-truncation is two integer operations; ``|x| s`` and ``t s`` are exact (or far below every threshold).
-The dequantized magnitudes ``fl(v_k t)`` are per-block products, as the reference's ``decode(code) * t``.
+Exactness. The candidates are encoded as the reference does, ``e2m1(|x| * (1 / t))`` with ``1 / t``
+rounded once per block (NVFP4's SSE search reads ``t`` and ``1 / t`` of every E4M3 code from a
+per-tensor table, ``_table_kernel``), here rounded to the E2M1 grid with a magic-number addition
+(``_e2m1_round``: fp32 adds and multiplies, which issue at twice the rate of the compares and selects
+of a threshold search; benchmarks/results.md has the numbers). SSE codes and scales equal the
+reference bit for bit: the error ``r.r`` is summed in the reference's fixed pairwise order
+(``scale_search.pairwise_sum``) with no fused multiply-adds (``enable_fp_fusion=False``), so the strict
+``<`` sees the same floats. The Hessian error comes from ``tl.dot`` on the tensor cores (3xTF32, about
+fp32 accuracy), whose summation order no PyTorch reference reproduces: where two candidates' errors lie
+within rounding of each other the kernel may keep the other one; tests bound how often and by how much.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from .. import scale_search
 from ..constants import E2M1_EMAX, E8M0_BIAS, F4_E2M1_MAX, F8_E4M3_MAX
-from .common import _T, MAX_WIDTH, check_2d, e4m3_decode, e4m3_encode, safe_div
+from .common import MAX_WIDTH, check_2d, e4m3_decode, e4m3_encode
 
 Tensor = torch.Tensor
 
-
-def _midpoint_above(t: float) -> float:
-    """The fp64 midpoint of fp32 ``t`` and the next fp32 above it (exact: 25 significant bits)."""
-    t32 = np.float32(t)
-    return float((np.float64(t32) + np.float64(np.nextafter(t32, np.float32(np.inf)))) / 2)
-
-
-_U = [_midpoint_above(t) for t in _T]
-# E2M1 repeats itself an octave up: the upper midpoints are the middle ones times 2 and 4, so their
-# thresholds are exact doublings of the middle ones and only four need the fp64 product.
-assert (_U[4], _U[5], _U[6]) == (2 * _U[2], 2 * _U[3], 4 * _U[2])
-E2M1_U0, E2M1_U1, E2M1_U2, E2M1_U3 = (tl.constexpr(u) for u in _U[:4])
-
-SEARCH_ROWS = 128  # rows (blocks) per program for narrow blocks: one per thread with 4 warps
+SEARCH_ROWS = 128  # rows (blocks) per program for narrow blocks: one per thread with SEARCH_WARPS = 4
+SEARCH_WARPS = 4
 SEARCH_TILE = 4096  # elements per program for wide blocks
 HESSIAN_MAX_WIDTH = 64  # widest (padded) block the Hessian kernel takes: H_b is a (64, 64) fp32 tile
-HESSIAN_PRECISION = "tf32x3"
+HESSIAN_PRECISION = "tf32x3"  # or "ieee": one fp32 FMA dot (slower)
+FLT_MAX = tl.constexpr(scale_search.FLT_MAX)
+_TAB = 256  # NVFP4 candidate table entries: every naive E4M3 code (0..0x7E) plus the steps above it
 
 
-# ---- per-block pieces --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _threshold(ts64, U: tl.constexpr):
-    """The largest fp32 below U * ts (exact in fp64); ts in [2**-26, 4), so the result is a normal fp32
-    and truncating the fp64 mantissa to 23 bits (then rebiasing the exponent) rounds it down."""
-    p = ts64 * tl.full(ts64.shape, U, tl.float64)
-    bits = (p.to(tl.int64, bitcast=True) >> 29) - (896 << 23)  # 896 = 1023 - 127
-    return bits.to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _thresholds(ts):
-    """The seven per-block thresholds L_k (scaled domain) of the E2M1 encode under scale ts."""
-    ts64 = ts.to(tl.float64)
-    l2 = _threshold(ts64, E2M1_U2)
-    l3 = _threshold(ts64, E2M1_U3)
-    return _threshold(ts64, E2M1_U0), _threshold(ts64, E2M1_U1), l2, l3, l2 * 2.0, l3 * 2.0, l2 * 4.0
+# ---- per-block and per-element pieces ------------------------------------------------------------------------
 
 
 @triton.jit
@@ -84,59 +51,57 @@ def _expand(v):
 
 
 @triton.jit
-def _encode_index(ms, ts):
-    """E2M1 magnitude index 0..7 of every scaled magnitude ``ms`` under the per-block scaled scale ``ts``
-    (3-level binary search, thresholds carried as in ``common.e2m1_encode``)."""
-    L0, L1, L2, L3, L4, L5, L6 = _thresholds(ts)
-    c = ms > _expand(L3)
-    idx = tl.where(c, 4, 0)
-    h0 = tl.where(c, _expand(L4), _expand(L0))
-    h1 = tl.where(c, _expand(L5), _expand(L1))
-    h2 = tl.where(c, _expand(L6), _expand(L2))
-    c = ms > h1
-    idx += tl.where(c, 2, 0)
-    idx += tl.where(ms > tl.where(c, h2, h0), 1, 0)
-    return idx
+def _reciprocal(t):
+    """``scale_search.reciprocal``: 1 / t rounded once, at most FLT_MAX (t tiny), 0 for t == 0."""
+    zero = t == 0.0
+    inv = tl.math.div_rn(tl.full(t.shape, 1.0, tl.float32), tl.where(zero, 1.0, t))
+    return tl.where(zero, 0.0, tl.minimum(inv, FLT_MAX))
 
 
 @triton.jit
-def _dequantized_magnitude(ms, ts, t):
-    """|Q(x)| = fl(v_idx * t) per element, by the same binary search carrying the eight per-block
-    products instead of the index."""
-    L0, L1, L2, L3, L4, L5, L6 = _thresholds(ts)
-    D1, D2, D3 = _expand(0.5 * t), _expand(t), _expand(1.5 * t)
-    D4, D5, D6, D7 = _expand(2.0 * t), _expand(3.0 * t), _expand(4.0 * t), _expand(6.0 * t)
-    c = ms > _expand(L3)
-    h0 = tl.where(c, _expand(L4), _expand(L0))
-    h1 = tl.where(c, _expand(L5), _expand(L1))
-    h2 = tl.where(c, _expand(L6), _expand(L2))
-    d0 = tl.where(c, D4, 0.0)
-    d1 = tl.where(c, D5, D1)
-    d2 = tl.where(c, D6, D2)
-    d3 = tl.where(c, D7, D3)
-    c = ms > h1
-    h = tl.where(c, h2, h0)
-    e0 = tl.where(c, d2, d0)
-    e1 = tl.where(c, d3, d1)
-    return tl.where(ms > h, e1, e0)
+def _e2m1_magic(y):
+    """y clamped to 6, and the bits of M = 1.5 * 2**23 * u for E2M1's grid spacing u at y: u = 0.5 below 2,
+    1 in [2, 4), 2 in [4, 6], i.e. 2**(e - 1) with e = floor(log2(max(y, 1))); M's bits are the exponent
+    of max(y, 1) raised by 22 with fraction 0.5 (0x0B400000 added)."""
+    yc = tl.minimum(y, 6.0)
+    return yc, (tl.maximum(yc, 1.0).to(tl.int32, bitcast=True) & 0x7F800000) + 0x0B400000
 
 
 @triton.jit
-def _pairwise_last(v, LEAD: tl.constexpr, BB: tl.constexpr, N: tl.constexpr):
-    """(LEAD, BB, N) -> (LEAD, BB): adjacent pairs summed, then pairs of pairs (N a power of two)."""
-    for k in tl.static_range(N.bit_length() - 1):
+def _e2m1_round(y):
+    """The E2M1 magnitude nearest to y >= 0, ties to even, saturating at 6 (= e2m1_decode(e2m1_encode(y))).
+    y + M lies in a binade whose fp32 ulp is u, so the add itself rounds y to a multiple of u, ties to an
+    even multiple (M / u is even), which is E2M1's even mantissa; subtracting M is exact."""
+    yc, mb = _e2m1_magic(y)
+    m = mb.to(tl.float32, bitcast=True)
+    return (yc + m) - m
+
+
+@triton.jit
+def _e2m1_index(y):
+    """The E2M1 index 0..7 of y >= 0 (= e2m1_encode(y)): y + M = M + k u, so the bits of the sum minus
+    M's count k, and the index is k + 2 e (u = 2**(e - 1))."""
+    yc, mb = _e2m1_magic(y)
+    k = (yc + mb.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - mb
+    return k + 2 * ((mb >> 23) - 149)  # 149 = 127 + 22
+
+
+@triton.jit
+def _pairwise_last(v, LEAD: tl.constexpr, BB: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
+    """(LEAD, BB, N) -> (LEAD, BB): adjacent pairs summed, then pairs of pairs (N = 2**LOG_N)."""
+    for k in tl.static_range(LOG_N):
         a, b = tl.split(tl.reshape(v, (LEAD, BB, N >> (k + 1), 2)))
         v = a + b
     return tl.reshape(v, (LEAD, BB))
 
 
 @triton.jit
-def _pairwise_sum(v, NCH: tl.constexpr, BB: tl.constexpr, W: tl.constexpr):
+def _pairwise_sum(v, NCH: tl.constexpr, BB: tl.constexpr, W: tl.constexpr, LOG_NCH: tl.constexpr, LOG_W: tl.constexpr):
     """(NCH, BB, W) -> (BB,) in ``scale_search.pairwise_sum`` order over each block's NCH * W elements:
     within chunks first (adjacent pairs), then the chunk sums, adjacent pairs again."""
-    v = _pairwise_last(v, NCH, BB, W)
+    v = _pairwise_last(v, NCH, BB, W, LOG_W)
     v = tl.reshape(tl.permute(v, (1, 0)), (1, BB, NCH))
-    return tl.reshape(_pairwise_last(v, 1, BB, NCH), (BB,))
+    return tl.reshape(_pairwise_last(v, 1, BB, NCH, LOG_NCH), (BB,))
 
 
 @triton.jit
@@ -159,15 +124,46 @@ def _dot3(a, b_big, b_small, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _candidate(naive, step, gs, NVFP4: tl.constexpr):
-    """Per-block candidate scale ``t`` (fp32) and its code (E4M3 bits or unbiased E8M0 exponent)."""
+def _naive(amax, gs, NVFP4: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr):
+    """The naive per-block scale code, as the reference: E4M3 bits of (amax / 6) / gs (true divisions,
+    saturating at 448), or the unbiased exponent floor(log2(amax)) - 2 (unclamped: -129 for 0)."""
     if NVFP4:
-        code = tl.minimum(tl.maximum(naive + step, 0), 0x7E)
-        return e4m3_decode(code) * gs, code
+        block = tl.math.div_rn(tl.math.div_rn(amax, tl.full(amax.shape, EMAX, tl.float32)), tl.zeros_like(amax) + gs)
+        return e4m3_encode(tl.minimum(block, FMAX))
     else:
-        code = tl.minimum(tl.maximum(naive + step, -127), 127)
-        # 2**code from its bits; 2**-127 is the subnormal with fraction bit 22
-        return tl.where(code == -127, 0x400000, (code + 127) << 23).to(tl.float32, bitcast=True), code
+        return ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - BIAS - EMAX
+
+
+@triton.jit
+def _candidate(
+    naive, i, tab_ptr, gs, NVFP4: tl.constexpr, TABLE: tl.constexpr, STEP0: tl.constexpr, BIAS: tl.constexpr,
+    TAB: tl.constexpr,
+):  # fmt: skip
+    """Per-block candidate ``i`` (step STEP0 + i): its scale t and ``reciprocal(t)``. NVFP4 reads both from
+    the per-tensor table (TABLE: entry naive + i of ``_table_kernel``) or computes them; MXFP4 builds the
+    powers of two from bits (2**-127 is the subnormal with fraction bit 22)."""
+    if NVFP4:
+        if TABLE:
+            k = naive + i
+            return tl.load(tab_ptr + k), tl.load(tab_ptr + TAB + k)
+        else:
+            t = e4m3_decode(tl.minimum(tl.maximum(naive + (STEP0 + i), 0), 0x7E)) * gs
+            return t, _reciprocal(t)
+    else:
+        e = tl.minimum(tl.maximum(naive + (STEP0 + i), -BIAS), BIAS)
+        t = tl.where(e == -BIAS, 0x400000, (e + BIAS) << 23).to(tl.float32, bitcast=True)
+        inv = tl.where(e == BIAS, 0x400000, (BIAS - e) << 23).to(tl.float32, bitcast=True)
+        return t, inv
+
+
+@triton.jit
+def _table_kernel(gs_ptr, tab_ptr, STEP0: tl.constexpr, TAB: tl.constexpr):
+    """NVFP4 candidates for every naive code at once: tab[k] = t = e4m3(c) * gs and tab[TAB + k] =
+    reciprocal(t), c = clamp(k + STEP0, 0, 0x7E) (candidate i of naive code n is entry n + i)."""
+    k = tl.arange(0, TAB)
+    t = e4m3_decode(tl.minimum(tl.maximum(k + STEP0, 0), 0x7E)) * tl.load(gs_ptr)
+    tl.store(tab_ptr + k, t)
+    tl.store(tab_ptr + TAB + k, _reciprocal(t))
 
 
 # ---- the kernel ------------------------------------------------------------------------------------------------
@@ -175,14 +171,18 @@ def _candidate(naive, step, gs, NVFP4: tl.constexpr):
 
 @triton.jit
 def _search_kernel(
-    x_ptr, h_ptr, gs_ptr, q_ptr, scale_ptr, rows, cols,
+    x_ptr, h_ptr, gs_ptr, tab_ptr, q_ptr, scale_ptr, rows, cols,
     BLOCK: tl.constexpr, BB: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr,
-    NVFP4: tl.constexpr, HESSIAN: tl.constexpr, STEP0: tl.constexpr, NSTEPS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    LOG_NCH: tl.constexpr, LOG_W: tl.constexpr, NVFP4: tl.constexpr, HESSIAN: tl.constexpr,
+    STEP0: tl.constexpr, NSTEPS: tl.constexpr,
+    PRECISION: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr,
+    TABLE: tl.constexpr, TAB: tl.constexpr,
 ):  # fmt: skip
     BP: tl.constexpr = NCH * W
-    cb = tl.program_id(0)  # column block: neighbouring programs share rows, so writes merge in L2
-    row = tl.program_id(1) * BB + tl.arange(0, BB)
+    pid = tl.program_id(0)
+    nb = cols // BLOCK
+    cb = pid % nb  # column block, fastest: programs running together share rows, so writes merge in L2
+    row = (pid // nb) * BB + tl.arange(0, BB)
     row_ok = row < rows
     j = tl.arange(0, NCH)[:, None, None] * W + tl.arange(0, W)[None, None, :]  # column within the block
     base = row.to(tl.int64) * cols + cb * BLOCK
@@ -192,21 +192,8 @@ def _search_kernel(
         mask = row_ok[None, :, None] & (j < BLOCK)
     x = tl.load(x_ptr + (base[None, :, None] + j), mask=mask, other=0.0).to(tl.float32)
     mag = tl.abs(x)
-    amax = tl.max(tl.max(mag, axis=2), axis=0)
-
-    gs = 1.0
-    if NVFP4:
-        gs = tl.load(gs_ptr)
-        block = tl.math.div_rn(tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32)), tl.zeros_like(amax) + gs)
-        naive = e4m3_encode(tl.minimum(block, 448.0))
-    else:
-        naive = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 2  # floor(log2(amax)) - emax
-
-    # s: the power of two that brings the largest candidate scale into [1, 2) (clamped to stay a normal fp32)
-    t_hi, _ = _candidate(naive, STEP0 + NSTEPS - 1, gs, NVFP4)
-    exp_hi = tl.minimum((t_hi.to(tl.int32, bitcast=True) >> 23) & 0xFF, 253)
-    s = ((254 - exp_hi) << 23).to(tl.float32, bitcast=True)
-    ms = mag * _expand(s)
+    gs = tl.load(gs_ptr)  # 1 for MXFP4
+    naive = _naive(tl.max(tl.max(mag, axis=2), axis=0), gs, NVFP4, EMAX, FMAX, BIAS)
 
     if HESSIAN:
         hi = tl.arange(0, BP)
@@ -217,31 +204,34 @@ def _search_kernel(
         ht_small = ht - ht_big
 
     best_err = tl.full((BB,), float("inf"), tl.float32)
-    best_step = tl.zeros((BB,), tl.int32)  # the naive scale where no error is finite, as the reference
+    best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
     for i in range(NSTEPS):
-        t, _ = _candidate(naive, STEP0 + i, gs, NVFP4)
-        d = _dequantized_magnitude(ms, t * s, t)
+        t, inv = _candidate(naive, i, tab_ptr, gs, NVFP4, TABLE, STEP0, BIAS, TAB)
+        d = _e2m1_round(mag * _expand(inv)) * _expand(t)  # |Q(x)| = fl(v * t), as decode(code) * t
         if HESSIAN:
             # r = x - Q(x), Q(x) = d with the sign of x (a code of magnitude 0 decodes to +-0: same r)
-            q = (d.to(tl.uint32, bitcast=True) | (x.to(tl.uint32, bitcast=True) & 0x80000000)).to(tl.float32, bitcast=True)
-            r2 = tl.reshape(tl.permute(x - q, (1, 0, 2)), (BB, BP))
+            q = d.to(tl.uint32, bitcast=True) | (x.to(tl.uint32, bitcast=True) & 0x80000000)
+            r2 = tl.reshape(tl.permute(x - q.to(tl.float32, bitcast=True), (1, 0, 2)), (BB, BP))
             v = _dot3(r2, ht_big, ht_small, PRECISION)
             err = tl.sum(r2 * v, axis=1)
         else:
             r = mag - d  # |x - Q(x)|
-            err = _pairwise_sum(r * r, NCH, BB, W)
+            err = _pairwise_sum(r * r, NCH, BB, W, LOG_NCH, LOG_W)
         better = err < best_err
         best_err = tl.where(better, err, best_err)
-        best_step = tl.where(better, STEP0 + i, best_step)
+        best = tl.where(better, i, best)
 
-    t, code = _candidate(naive, best_step, gs, NVFP4)
-    idx = tl.where(_expand(t) == 0.0, 0, _encode_index(ms, t * s))  # scale 0: every code 0, as safe_div
+    _, inv = _candidate(naive, best, tab_ptr, gs, NVFP4, TABLE, STEP0, BIAS, TAB)
+    idx = _e2m1_index(mag * _expand(inv))
     codes = tl.where((x < 0.0) & (idx > 0), idx + 8, idx)
     hi, lo = tl.split(tl.reshape(codes, (NCH, BB, W // 2, 2)))
     jq = tl.arange(0, NCH)[:, None, None] * (W // 2) + tl.arange(0, W // 2)[None, None, :]
     q_mask = row_ok[None, :, None] & (jq < BLOCK // 2)
     tl.store(q_ptr + ((base // 2)[None, :, None] + jq), ((hi << 4) | lo).to(tl.uint8), mask=q_mask)
-    stored = code if NVFP4 else code + 127
+    if NVFP4:
+        stored = tl.minimum(tl.maximum(naive + (STEP0 + best), 0), 0x7E)
+    else:
+        stored = tl.minimum(tl.maximum(naive + (STEP0 + best), -BIAS), BIAS) + BIAS
     tl.store(scale_ptr + row.to(tl.int64) * (cols // BLOCK) + cb, stored.to(tl.uint8), mask=row_ok)
 
 
@@ -268,27 +258,38 @@ def _search(
     rows, cols = x.shape
     nb = cols // block_size
     if hessian is not None and tuple(hessian.shape) != (nb, block_size, block_size):
-        raise ValueError(f"hessian must be ({nb}, {block_size}, {block_size}) diagonal blocks, got {tuple(hessian.shape)}")
+        want = (nb, block_size, block_size)
+        raise ValueError(f"hessian must be the {want} diagonal blocks, got {tuple(hessian.shape)}")
     width = triton.next_power_of_2(block_size)
     if width > (MAX_WIDTH if hessian is None else HESSIAN_MAX_WIDTH):
         return None
     x = x.contiguous()
     q = torch.empty((rows, cols // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((rows, nb), dtype=torch.uint8, device=x.device)
+    steps = scale_search.NVFP4_STEPS if nvfp4 else scale_search.MXFP4_STEPS
+    assert steps == tuple(range(steps[0], steps[0] + len(steps)))  # consecutive: candidate i is step STEP0 + i
+    # NVFP4's SSE search reads its candidates from a table; the Hessian kernel computes them (gathers there
+    # make Triton rematerialize the whole candidate in the dot's layout)
+    table = nvfp4 and hessian is None
     if nvfp4:
         gs = global_scale.to(device=x.device, dtype=torch.float32).reshape(1)
-        steps = scale_search.NVFP4_STEPS
     else:
         gs = torch.ones(1, dtype=torch.float32, device=x.device)
-        steps = scale_search.MXFP4_STEPS
+    tab = gs
+    if table:
+        tab = torch.empty(2 * _TAB, dtype=torch.float32, device=x.device)
+        _table_kernel[(1,)](gs, tab, STEP0=steps[0], TAB=_TAB, num_warps=4, enable_fp_fusion=False)
     h = gs if hessian is None else hessian.to(device=x.device, dtype=torch.float32).contiguous()
     bb, nch, w = _tiling(block_size, x.element_size(), hessian is not None)
     if x.numel():
         _search_kernel[(nb * triton.cdiv(rows, bb),)](
-            x, h, gs, q, scale, rows, cols,
-            BLOCK=block_size, BB=bb, NCH=nch, W=w, NVFP4=nvfp4, HESSIAN=hessian is not None,
+            x, h, gs, tab, q, scale, rows, cols,
+            BLOCK=block_size, BB=bb, NCH=nch, W=w, LOG_NCH=nch.bit_length() - 1, LOG_W=w.bit_length() - 1,
+            NVFP4=nvfp4, HESSIAN=hessian is not None,
             STEP0=steps[0], NSTEPS=len(steps), PRECISION=HESSIAN_PRECISION,
-            num_warps=4, enable_fp_fusion=False,
+            EMAX=F4_E2M1_MAX if nvfp4 else E2M1_EMAX, FMAX=F8_E4M3_MAX, BIAS=E8M0_BIAS,
+            TABLE=table, TAB=_TAB,
+            num_warps=SEARCH_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
     return q, scale
 
