@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,12 +39,29 @@ def main() -> int:
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--hessian", action="store_true", help="also collect X^T X (off: ranges only)")
     p.add_argument("--timeout", type=float, default=3000)
+    p.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=28,
+        help="decoder layers to write (the peak holds one layer: fewer is a fast proxy)",
+    )
     args = p.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="quanta-calib-mem-"))
+    work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "llama-3b-synthetic"
-    if not (ckpt / "model.safetensors.index.json").is_file():
-        gb = write_checkpoint(ckpt) / 1e9
+    if args.write_only:
+        gb = write_checkpoint(ckpt, args.layers) / 1e9
         print(f"wrote {gb:.2f} GB checkpoint to {ckpt}")
+        return 0
+    if not (ckpt / "model.safetensors.index.json").is_file():
+        # In a child: the measured command must not start as a fork of a process that held the weights
+        # (ru_maxrss keeps the pre-exec peak of a forked child).
+        subprocess.run(
+            [sys.executable, __file__, "--write-only", "--dir", str(work), "--text", args.text, "--layers",
+             str(args.layers)],
+            check=True,
+        )  # fmt: skip
     tok = args.tokenizer or default_tokenizer()
     for name in TOKENIZER_FILES:
         if (tok / name).is_file():
@@ -55,7 +73,8 @@ def main() -> int:
            "--hessian" if args.hessian else "--no-hessian"]  # fmt: skip
     rss, wall, code = measure(cmd, args.timeout)
     size = out.stat().st_size / 1e9 if out.is_file() else float("nan")
-    print(f"quanta calibrate ({args.samples} x {args.seq_len}, hessian={args.hessian}): peak RSS {rss:.2f} GB, "
+    print(f"quanta calibrate ({args.layers} layers, {args.samples} x {args.seq_len}, hessian={args.hessian}): "
+          f"peak RSS {rss:.2f} GB, "
           f"{wall:.0f} s, exit {code}, statistics {size:.2f} GB")  # fmt: skip
     return code
 

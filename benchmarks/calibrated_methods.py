@@ -79,8 +79,9 @@ def markdown(summary: dict, meta: dict) -> str:
                 f"{-100 * dw:+.1f} % | {-100 * do:+.1f} % |"
             )
     head = (
-        f"Model `{meta['model']}`, {meta['linears']} decoder Linears, calibration {meta['samples']} x {meta['seq_len']} "
-        f"tokens of `{meta['calib_text']}`; errors are means over the Linears. Command: `{meta['command']}`"
+        f"Model `{meta['model']}`, {meta['linears']} decoder Linears, calibration "
+        f"{meta['samples']} x {meta['seq_len']} tokens of `{meta['calib_text']}`; "
+        f"errors are means over the Linears. Command: `{meta['command']}`"
     )
     return head + "\n\n" + "\n".join(lines) + "\n"
 

@@ -31,13 +31,13 @@ HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB, HEAD_DIM = 3072, 8192, 28, 24, 8,
 SHARD_BYTES = 2 * 10**9
 
 
-def llama_config() -> dict:
+def llama_config(layers: int = LAYERS) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": HIDDEN,
         "intermediate_size": INTER,
-        "num_hidden_layers": LAYERS,
+        "num_hidden_layers": layers,
         "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS,
         "head_dim": HEAD_DIM,
@@ -52,11 +52,11 @@ def llama_config() -> dict:
     }
 
 
-def tensor_shapes() -> dict[str, tuple[int, ...]]:
+def tensor_shapes(layers: int = LAYERS) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of the checkpoint (no lm_head: tied to the embeddings)."""
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
     kv = KV_HEADS * HEAD_DIM
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}"
         shapes.update({
             f"{p}.self_attn.q_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
@@ -73,16 +73,16 @@ def tensor_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_checkpoint(root: Path) -> int:
+def write_checkpoint(root: Path, layers: int = LAYERS) -> int:
     """Random bf16 weights (std 0.02, norms 1) in ~2 GB shards with an index; returns tensor bytes."""
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps(llama_config(), indent=2))
+    (root / "config.json").write_text(json.dumps(llama_config(layers), indent=2))
     gen = torch.Generator().manual_seed(0)
     shards: list[dict[str, tuple[int, ...]]] = [{}]
     used = 0
-    for name, shape in tensor_shapes().items():
+    for name, shape in tensor_shapes(layers).items():
         size = 2 * int(torch.tensor(shape).prod()) if shape else 2
         if shards[-1] and used + size > SHARD_BYTES:
             shards.append({})

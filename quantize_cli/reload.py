@@ -237,7 +237,10 @@ def _place_quantized(
         if list(entry["shape"]) != shape:
             raise QuantaError(f"{name} has shape {entry['shape']} in the map but the model expects {shape}")
         spec = get_scheme(entry["scheme"])
-        options = {k: v for k, v in entry.items() if k in spec.options and isinstance(v, bool | int | str)}
+        # "method" records how the scales were chosen; the stored codes already embody it.
+        options = {
+            k: v for k, v in entry.items() if k in spec.options and k != "method" and isinstance(v, bool | int | str)
+        }
         block = None if spec.per_row else entry["block_size"]
         quant = QuantLinear(
             module.in_features, module.out_features, module.bias is not None, spec.name, block,

@@ -55,9 +55,9 @@ def test_built_in_a_staging_folder_then_renamed(tmp_path: Path, monkeypatch: pyt
     seen = []
     real = convert_mod._convert_tensor
 
-    def spy(tp, tensor, dev):
+    def spy(tp, tensor, dev, stats=None):
         seen.append((out.exists(), staging.is_dir()))
-        return real(tp, tensor, dev)
+        return real(tp, tensor, dev, stats)
 
     monkeypatch.setattr(convert_mod, "_convert_tensor", spy)
     convert(str(minilm_dir()), scheme="nf4", out=out, progress=False)
@@ -70,11 +70,11 @@ def test_failure_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     calls = []
     real = convert_mod._convert_tensor
 
-    def fail_on_tenth(tp, tensor, dev):
+    def fail_on_tenth(tp, tensor, dev, stats=None):
         calls.append(tp.name)
         if len(calls) == 10:
             raise QuantaError("simulated failure")
-        return real(tp, tensor, dev)
+        return real(tp, tensor, dev, stats)
 
     monkeypatch.setattr(convert_mod, "_convert_tensor", fail_on_tenth)
     with pytest.raises(QuantaError, match="simulated"):
@@ -207,7 +207,22 @@ def test_bad_options_are_one_line(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         assert_one_line_error(cli("convert", model, "--device", "cuda"), "no CUDA device")
     for name in [n for n, s in SCHEMES.items() if s.needs_calibration][:1]:  # weight-only conversion only
-        assert_one_line_error(cli("convert", model, "--scheme", name), f"scheme {name} needs calibration")
+        assert_one_line_error(cli("convert", model, "--scheme", name), f"({name}, method naive) needs calibration data")
+    assert_one_line_error(
+        cli("convert", model, "--scheme", "nvfp4", "--method", "hessian"), "(nvfp4, method hessian) needs calibration"
+    )
+    assert_one_line_error(cli("convert", model, "--scheme", "nvfp4", "--method", "best"), "unknown method 'best'")
+    assert_one_line_error(cli("convert", model, "--scheme", "nf4", "--method", "sse"), "unknown key 'method'")
+    missing = str(tmp_path / "nope.safetensors")
+    assert_one_line_error(
+        cli("convert", model, "--scheme", "int8-static", "--calibration", missing), "calibration file not found"
+    )
+    not_stats = tmp_path.parent / f"{tmp_path.name}-not-stats.safetensors"
+    save_file({"x": torch.zeros(1)}, str(not_stats))
+    assert_one_line_error(
+        cli("convert", model, "--scheme", "int8-static", "--calibration", str(not_stats)), "not a quanta calibration"
+    )
+    assert not list(tmp_path.glob("*-int8-static")) and not list(Path.cwd().glob("*int8-static*"))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -473,3 +473,21 @@ def test_cuda_without_gpu(minilm_nf4: Path) -> None:
 def test_summary_of_minilm(minilm_nf4: Path) -> None:
     text = summarize(load_quantized(minilm_nf4))
     assert text.startswith("BertModel on cpu: 36 QuantLinear (36 nf4)")
+
+
+def test_hessian_method_folder_reloads(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A folder whose NVFP4 scales were searched with calibration statistics reloads as stored."""
+    source = minilm_dir()
+    calib = CalibrationInput(file=_calibration_file(tmp_path_factory, source))
+    folder = _converted(tmp_path_factory, source, scheme="nvfp4", method="hessian", calibration=calib)
+    entries = read_map(folder)["tensors"]
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert entries[name]["method"] == "hessian"
+    model = load_quantized(folder)
+    module = model.get_submodule(name.removesuffix(".weight"))
+    stored = {k: _stored(folder, name + s) for k, s in (("qdata", ""), ("scale", "_scale"), ("gs", "_global_scale"))}
+    assert torch.equal(module.weight, stored["qdata"])
+    assert torch.equal(module.weight_scale.view(torch.uint8), stored["scale"].view(torch.uint8))
+    # The searched scales differ from plain NVFP4's somewhere (the method did something).
+    plain = quantize(_stored(source, name).float(), "nvfp4")
+    assert not torch.equal(plain.scale.view(torch.uint8), stored["scale"].view(torch.uint8))
