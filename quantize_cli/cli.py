@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -50,7 +51,8 @@ DataOpt = Annotated[
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escape: a message may quote user text with brackets (a regex, a tensor name) that rich would eat
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -68,10 +70,6 @@ def handle_errors(fn: F) -> F:
             _fail(message.splitlines()[0] if message else type(exc).__name__)
 
     return wrapper  # type: ignore[return-value]
-
-
-def _not_implemented(command: str) -> None:
-    _fail(f"`quanta {command}` is not implemented yet")
 
 
 @app.callback(invoke_without_command=True)
@@ -132,8 +130,6 @@ def convert(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence, with --data.")] = 512,
 ) -> None:
     """Stream MODEL tensor by tensor through a scheme into a quantized safetensors folder."""
-    from rich.markup import escape
-
     from .pipeline import convert as run_convert
     from .pipeline.convert import CalibrationInput
 
@@ -184,7 +180,7 @@ def calibrate(
 
     settings = CalibrationSettings(observer, per_channel, percentile, hessian, device)
     path = run_calibration(model, data, out, samples, seq_len, settings, revision, overwrite)
-    console.print(f"wrote calibration statistics to [bold]{path}[/]")
+    console.print(f"wrote calibration statistics to [bold]{escape(str(path))}[/]")
 
 
 @app.command("eval")
@@ -253,8 +249,6 @@ def reload(
 @handle_errors
 def inspect(path: DirArg) -> None:
     """Summarise a quanta folder: tensors by scheme, bits per weight, size against the source."""
-    from rich.markup import escape
-
     from .pipeline import inspect_folder
 
     report = inspect_folder(path)

@@ -25,3 +25,11 @@ def test_schemes_table_lists_all_ten() -> None:
     assert set(names) - ten == {"int8-static"}  # the calibrated W8A8 scheme
     nf4 = next(row for row in rows if row.split("│")[1].strip() == "nf4")
     assert "4.5" in nf4 and "64" in nf4
+
+
+def test_error_lines_keep_brackets(tmp_path) -> None:
+    """A user's text in an error (here a path with brackets) is printed as is, not eaten as rich markup."""
+    missing = str(tmp_path / "model[v2]")
+    result = CliRunner().invoke(app, ["convert", missing])
+    assert result.exit_code == 2
+    assert f"model not found: {missing}" in result.stderr.replace("\n", "")
