@@ -1,6 +1,7 @@
 """quanta: stream Hugging Face checkpoints through quantizers into loadable safetensors folders."""
 
 from .api import bits_per_weight, dequantize, quantize
+from .calibration import calibrate
 from .nn import Linear4bit, Linear8bitLt, QuantLinear
 from .pipeline import convert, inspect_folder
 from .reload import load_quantized
@@ -17,6 +18,7 @@ __all__ = [
     "Scheme",
     "__version__",
     "bits_per_weight",
+    "calibrate",
     "convert",
     "dequantize",
     "get_scheme",
