@@ -181,3 +181,29 @@ def test_model_without_one_layer_list_is_refused(smollm2: Path) -> None:
     model.config.num_hidden_layers = 7  # no ModuleList of that length
     with pytest.raises(QuantaError, match="one ModuleList"):
         decoder_layers(model)
+
+
+def test_convert_calibrates_and_converts_in_one_run(text_file: Path, tmp_path: Path) -> None:
+    """`quanta convert --scheme int8-static --data FILE`: calibration runs first, its scratch file goes away,
+    and the stored input scales equal those of a separate `quanta calibrate` on the same data."""
+    import json
+
+    from _models import minilm_dir
+    from safetensors import safe_open
+
+    out = tmp_path / "w8a8"
+    args = ["--data", str(text_file), "--samples", "2", "--seq-len", "32"]
+    result = CliRunner().invoke(
+        app, ["convert", str(minilm_dir()), "--scheme", "int8-static", "--out", str(out), *args]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w8a8"]  # no scratch statistics left behind
+    stats_file = tmp_path / "separate.safetensors"
+    calibrate(str(minilm_dir()), str(text_file), stats_file, samples=2, seq_len=32, show_progress=False)
+    stats = CalibrationStats(stats_file)
+    entries = json.loads((out / "quantization_map.json").read_text())["tensors"]
+    name = "encoder.layer.2.intermediate.dense.weight"
+    assert entries[name]["input_scale"] == "encoder.layer.2.intermediate.dense.input_scale"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = f.get_tensor("encoder.layer.2.intermediate.dense.input_scale")
+    assert torch.equal(stored, stats.input_scale("encoder.layer.2.intermediate.dense"))
