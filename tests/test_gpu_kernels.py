@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _kernel_cases import SCHEME_IDS as IDS
+from _kernel_cases import SCHEMES
+from _kernel_cases import bits as _bits
 
 from quantize_cli import dequantize, quantize
 from quantize_cli.kernels import ops, reference, scale_search
@@ -17,23 +20,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 pytest.importorskip("triton")
-
-SCHEMES = [
-    ("nf4", {}),
-    ("fp4", {}),
-    ("nf8", {}),
-    ("int8", {}),
-    ("int4", {}),
-    ("int4", {"symmetric": False}),
-    ("fp8", {}),
-    ("nvfp4", {}),
-    ("mxfp4", {}),
-]
-IDS = [name + ("-asym" if opts else "") for name, opts in SCHEMES]
-
-
-def _bits(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.view(torch.uint8) if t is not None and t.dtype == torch.float8_e4m3fn else t
 
 
 def _assert_equal_states(a, b, label: str) -> None:

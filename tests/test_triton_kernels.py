@@ -12,6 +12,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from _kernel_cases import SCHEME_IDS, SCHEMES
+from _kernel_cases import bits as _bits
 
 from quantize_cli import dequantize, quantize
 from quantize_cli.kernels import ops, reference, scale_search
@@ -30,25 +32,6 @@ if not (_INTERPRETED or torch.cuda.is_available()):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (scheme, options): every format, int4 both ways.
-SCHEMES = [
-    ("nf4", {}),
-    ("fp4", {}),
-    ("nf8", {}),
-    ("int8", {}),
-    ("int4", {}),
-    ("int4", {"symmetric": False}),
-    ("fp8", {}),
-    ("nvfp4", {}),
-    ("mxfp4", {}),
-]
-SCHEME_IDS = [name + ("-asym" if opts else "") for name, opts in SCHEMES]
-
-
-def _bits(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Exact comparison view: float8 as its bytes (torch.equal on float8 is not bitwise everywhere)."""
-    if t is None:
-        return None
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def assert_same_state(x: torch.Tensor, scheme: str, block_size: int | None = None, **opts) -> None:
