@@ -8,16 +8,21 @@ activation scales). ``quantization_map.json`` maps each quantized tensor's origi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .schemes import QuantState
+from .errors import QuantaError
+from .schemes import QuantState, get_scheme
+from .schemes.base import parse_dtype
 
 FORMAT = "quanta"
 FORMAT_VERSION = 1
 MAP_FILE = "quantization_map.json"
+_REQUIRED_ENTRY_KEYS = ("scheme", "block_size", "shape", "dtype")
 
 # QuantState field -> suffix appended to the weight's name on disk.
 SUFFIXES: dict[str, str] = {
@@ -59,3 +64,47 @@ def tensors_to_state(name: str, entry: dict[str, Any], get: Callable[[str], torc
 def stored_names(name: str, keys: set[str]) -> list[str]:
     """The on-disk names among ``keys`` that belong to the quantized tensor ``name``."""
     return [name + suffix for suffix in SUFFIXES.values() if name + suffix in keys]
+
+
+def read_map(path: str | Path) -> dict[str, Any]:
+    """The validated ``quantization_map.json`` of the quanta folder ``path`` (QuantaError if it is not one)."""
+    folder = folder_of(path)
+    map_path = folder / MAP_FILE
+    if not map_path.is_file():
+        raise QuantaError(f"{folder} is not a quanta folder (no {MAP_FILE})")
+    try:
+        qmap = json.loads(map_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QuantaError(f"{map_path} is not valid JSON: {exc}") from None
+    if not isinstance(qmap, dict) or qmap.get("format") != FORMAT:
+        found = qmap.get("format") if isinstance(qmap, dict) else type(qmap).__name__
+        raise QuantaError(f"{map_path} has format {found!r}, expected {FORMAT!r}")
+    version = qmap.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise QuantaError(
+            f"{map_path} has format_version {version!r}; this quanta reads versions 1 to {FORMAT_VERSION} "
+            "(a newer quanta wrote it?)"
+        )
+    tensors = qmap.get("tensors")
+    if not isinstance(tensors, dict):
+        raise QuantaError(f"{map_path} has no 'tensors' mapping")
+    for name, entry in tensors.items():
+        missing = [k for k in _REQUIRED_ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise QuantaError(f"{map_path}: the entry for {name} lacks {', '.join(missing)}")
+        try:
+            get_scheme(entry["scheme"])
+            parse_dtype(entry["dtype"])
+        except ValueError as exc:
+            raise QuantaError(f"{map_path}: {name}: {exc}") from None
+    return qmap
+
+
+def folder_of(path: str | Path) -> Path:
+    """``path`` as a folder; a one-line error if it is missing or a file."""
+    folder = Path(path)
+    if not folder.exists():
+        raise QuantaError(f"no such folder: {folder}")
+    if not folder.is_dir():
+        raise QuantaError(f"{folder} is not a folder (a quanta model is a folder with {MAP_FILE})")
+    return folder

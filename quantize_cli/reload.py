@@ -30,7 +30,7 @@ from torch import nn
 
 from .api import dequantize
 from .errors import QuantaError
-from .format import FORMAT, FORMAT_VERSION, MAP_FILE, stored_names, tensors_to_state
+from .format import FORMAT, MAP_FILE, folder_of, read_map, stored_names, tensors_to_state
 from .nn import QuantLinear
 from .schemes import QuantState, get_scheme
 from .schemes.base import parse_dtype
@@ -39,53 +39,9 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_REQUIRED_ENTRY_KEYS = ("scheme", "block_size", "shape", "dtype")
 
 
-# -- reading and validating a folder --------------------------------------------------------------------
-def read_map(path: str | Path) -> dict[str, Any]:
-    """The validated ``quantization_map.json`` of the quanta folder ``path`` (QuantaError if it is not one)."""
-    folder = _folder(path)
-    map_path = folder / MAP_FILE
-    if not map_path.is_file():
-        raise QuantaError(f"{folder} is not a quanta folder (no {MAP_FILE})")
-    try:
-        qmap = json.loads(map_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QuantaError(f"{map_path} is not valid JSON: {exc}") from None
-    if not isinstance(qmap, dict) or qmap.get("format") != FORMAT:
-        found = qmap.get("format") if isinstance(qmap, dict) else type(qmap).__name__
-        raise QuantaError(f"{map_path} has format {found!r}, expected {FORMAT!r}")
-    version = qmap.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-        raise QuantaError(
-            f"{map_path} has format_version {version!r}; this quanta reads versions 1 to {FORMAT_VERSION} "
-            "(a newer quanta wrote it?)"
-        )
-    tensors = qmap.get("tensors")
-    if not isinstance(tensors, dict):
-        raise QuantaError(f"{map_path} has no 'tensors' mapping")
-    for name, entry in tensors.items():
-        missing = [k for k in _REQUIRED_ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
-        if missing:
-            raise QuantaError(f"{map_path}: the entry for {name} lacks {', '.join(missing)}")
-        try:
-            get_scheme(entry["scheme"])
-            parse_dtype(entry["dtype"])
-        except ValueError as exc:
-            raise QuantaError(f"{map_path}: {name}: {exc}") from None
-    return qmap
-
-
-def _folder(path: str | Path) -> Path:
-    folder = Path(path)
-    if not folder.exists():
-        raise QuantaError(f"no such folder: {folder}")
-    if not folder.is_dir():
-        raise QuantaError(f"{folder} is not a folder (a quanta model is a folder with {MAP_FILE})")
-    return folder
-
-
+# -- reading a folder ------------------------------------------------------------------------------------
 def shard_index(folder: Path) -> dict[str, Path]:
     """Every stored tensor name -> the shard file holding it (from the index json, or the single file)."""
     index = folder / INDEX_FILE
@@ -288,7 +244,7 @@ def load_quantized(
     ``dtype=None`` keeps the checkpoint's dtypes; a dtype casts the float parameters and becomes the
     compute dtype of the dequantized weights. Returns the model in eval mode.
     """
-    folder = _folder(path)
+    folder = folder_of(path)
     qmap = read_map(folder)
     dev = resolve_device(device)
     index = shard_index(folder)
@@ -441,7 +397,7 @@ def dequantize_folder(path: str | Path, out: str | Path, progress: bool = False)
     shard (same file names); built in a temporary folder next to ``out`` and renamed at the end, so a
     failure leaves nothing behind. ``out`` must not exist.
     """
-    folder = _folder(path)
+    folder = folder_of(path)
     qmap = read_map(folder)
     index = shard_index(folder)
     _check_quantized_present(qmap, index, folder)

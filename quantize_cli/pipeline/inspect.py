@@ -11,7 +11,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from ..errors import QuantaError
-from ..format import FORMAT, MAP_FILE, stored_names
+from ..format import MAP_FILE, folder_of, read_map, stored_names
 from .writer import INDEX_FILE, SINGLE_FILE, TORCH_DTYPES
 
 
@@ -145,18 +145,8 @@ def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
 
 def inspect_folder(path: str | Path) -> Inspection:
     """Read ``quantization_map.json`` and the shard headers of a folder written by ``quanta convert``."""
-    root = Path(path)
-    if not root.is_dir():
-        raise QuantaError(f"not a folder: {root}")
-    map_path = root / MAP_FILE
-    if not map_path.is_file():
-        raise QuantaError(f"{root} has no {MAP_FILE}: not a folder written by `quanta convert`")
-    try:
-        qmap = json.loads(map_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QuantaError(f"corrupt {map_path}: {exc}") from None
-    if qmap.get("format") != FORMAT:
-        raise QuantaError(f"{map_path} is not a quanta map (format {qmap.get('format')!r})")
+    root = folder_of(path)
+    qmap = read_map(root)
     files = _shard_files(root)
     headers = _headers(root, files)
     groups: dict[str, Group] = {}
