@@ -8,6 +8,8 @@ same run. NVFP4's quantize includes its per-tensor amax pass (a second read of t
 PNG plots into ``--out``.
 
     python benchmarks/kernels.py --out /tmp/bench            # on a CUDA GPU
+    python benchmarks/kernels.py --schemes nf4,fp4 --merge benchmarks/kernels.json --out /tmp/bench
+                                                             # a subset, merged into an earlier run
     python benchmarks/kernels.py --sweep --out /tmp/bench    # tile size x warps, a few kernels
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke  # CPU check of the script itself
 """
@@ -267,8 +269,8 @@ def run(args: argparse.Namespace) -> dict:
     seed_shape = shapes[0]
     bw = copy_bandwidth(device, args.smoke)
     print(f"copy bandwidth {bw:.0f} GB/s (read + write)", flush=True)
-    ours, ref = kernels("triton", device), kernels("reference", device)
-    bnb = [] if args.smoke else bnb_kernels()
+    ours, ref = select(kernels("triton", device), args.schemes), select(kernels("reference", device), args.schemes)
+    bnb = [] if args.smoke or (args.schemes and "bnb" not in args.schemes) else bnb_kernels()
     rows: list[Row] = []
     # fp16 on every shape; bf16 and fp32 on the seed shape (the device time of one session is short).
     plan = [(s, torch.float16) for s in shapes] + [(seed_shape, torch.bfloat16), (seed_shape, torch.float32)]
@@ -278,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
         seed = shape == seed_shape and dtype == torch.float16
         for k in ours:
             try_measure(rows, k, "quanta", x, bw, args.smoke, args.rep_ms, seed)
-        if seed and not args.smoke:
+        if seed and not args.smoke and (not args.schemes or "nvfp4" in args.schemes):
             try_measure(rows, nvfp4_given_scale(x, device), "quanta", x, bw, False, args.rep_ms, False)
         for k in bnb:
             try_measure(rows, k, "bitsandbytes", x, bw, args.smoke, args.rep_ms, seed)
@@ -297,6 +299,20 @@ def run(args: argparse.Namespace) -> dict:
         "copy_gbps": bw,
         "rows": [asdict(r) | {"q_ratio": r.q_ratio, "d_ratio": r.d_ratio} for r in rows],
     }
+
+
+def select(ks: list[Kernel], schemes: list[str] | None) -> list[Kernel]:
+    """The kernels named in ``schemes`` (all when None)."""
+    return ks if not schemes else [k for k in ks if k.name in schemes]
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``new``'s run over ``old``: rows of the same (impl, scheme, shape, dtype) replaced, the others kept
+    in their places, new ones appended; the header (device, date, command, copy bandwidth) is new's."""
+    key = lambda r: (r["impl"], r["scheme"], r["shape"], r["dtype"])  # noqa: E731
+    fresh = {key(r): r for r in new["rows"]}
+    rows = [fresh.pop(key(r), r) for r in old["rows"]]
+    return new | {"rows": rows + list(fresh.values()), "merged_into": old.get("command", "")}
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
@@ -449,6 +465,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     parser.add_argument("--sweep", action="store_true", help="only sweep tile sizes and warps (GPU)")
     parser.add_argument("--replot", type=Path, help="rebuild kernels.md and the plots from a kernels.json")
+    parser.add_argument(
+        "--schemes",
+        type=lambda v: v.split(","),
+        help="comma-separated subset (nf4,fp4,nf8,int8,int4,int4-asym,fp8,nvfp4,mxfp4; bnb for bitsandbytes)",
+    )
+    parser.add_argument("--merge", type=Path, help="a kernels.json whose rows this run replaces or extends")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
@@ -458,6 +480,8 @@ def main() -> None:
         res = json.loads(args.replot.read_text())
     else:
         res = run(args)
+        if args.merge:
+            res = merge(json.loads(args.merge.read_text()), res)
         (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
     (args.out / "kernels.md").write_text(md)

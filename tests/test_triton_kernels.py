@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from quantize_cli.kernels.triton import search  # noqa: E402
+from quantize_cli.kernels.triton import codebook, common, search  # noqa: E402
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if not (_INTERPRETED or torch.cuda.is_available()):
@@ -77,6 +77,14 @@ def test_block_sizes(scheme: str, opts: dict, shape: tuple[int, int], block: int
     """A block that is not a power of two, one scale per row, and a row wider than one tile (walked in
     chunks: statistics pass, then encode pass)."""
     assert_same_state(_weights(shape, torch.float16), scheme, block_size=block, **opts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", [2, 10, 16, 32])
+def test_nvfp4_narrow_blocks(dtype: torch.dtype, block: int) -> None:
+    """NVFP4 blocks of at most 32 take the (chunk, block, vector) tile: one chunk (2), a padded block
+    (10 of 16), the default 16 and 32, in every input dtype."""
+    assert_same_state(_weights((6, 160), dtype), "nvfp4", block_size=block)
 
 
 @pytest.mark.parametrize(("scheme", "opts"), SCHEMES, ids=SCHEME_IDS)
@@ -167,6 +175,121 @@ def test_int_round_half_to_even(bits: int) -> None:
     x = x[: (x.numel() // 64) * 64].reshape(-1, 64)
     x[:, 0] = float(qmax)  # scale exactly 1 in every block
     assert_same_state(x.to(DEVICE), f"int{bits}", block_size=64)
+
+
+# ---- bucket lookups and the reciprocal division, checked densely -------------------------------------------
+
+
+def _around(points: torch.Tensor, lo: float, hi: float, n: int = 1_000_000) -> torch.Tensor:
+    """Every point with 50 fp32 neighbours each side, both zeros, the ends and a few ulps past them,
+    a uniform sweep of [lo, hi] and magnitudes down to the subnormals, both signs."""
+    g = torch.Generator().manual_seed(0)
+    near, up, down = [points], points.clone(), points.clone()
+    for _ in range(50):
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(-float("inf")))
+        near += [up, down]
+    ends = torch.tensor([lo, hi])
+    for _ in range(3):
+        ends = torch.cat([ends, torch.nextafter(ends[-2:], ends[-2:] * 2)])
+    signs = torch.where(torch.rand(n // 4, generator=g) < 0.5, -1.0, 1.0)
+    tiny = torch.exp2(-140 * torch.rand(n // 4, generator=g)) * signs
+    sweep = torch.rand(n, generator=g) * (hi - lo) + lo
+    return torch.cat([*near, torch.tensor([0.0, -0.0, 1e-45, -1e-45]), ends, sweep, tiny])
+
+
+def _lookup_on_host(v: torch.Tensor, rows: torch.Tensor, scale: float, offset: float, shift: int, mask: int):
+    """``common.lookup16`` with the same fp32 steps on the CPU."""
+    shift_f = float(torch.tensor(shift, dtype=torch.int32).view(torch.float32)) if shift else 0.0
+    row = rows[common.bucket_keys(v, scale, offset - common.KEY_MAGIC, shift_f) & mask]
+    bound = (row & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    return torch.where(v > bound, row >> 40, row >> 32) & 0xFF
+
+
+@pytest.mark.parametrize("values", [NF4_CODEBOOK, FP4_CODEBOOK, nf8_codebook()], ids=["nf4", "fp4", "nf8"])
+def test_codebook_bucket_rows_equal_bucketize(values: tuple[float, ...]) -> None:
+    """The bucket lookup (one row, one comparison) gives ``order[bucketize(v, bounds)]`` for v on and
+    around every midpoint, +-0, +-1 and a dense sweep of [-1, 1]: the rows of the codebook kernel."""
+    cb = codebook_tensor(values)
+    tables = codebook.search_tables(cb, torch.device("cpu"))
+    assert tables.rows is not None, "nf4, fp4 and nf8 take the bucket lookup"
+    bounds, order = reference.codebook_search_tables(cb)
+    v = _around(bounds, -1.0, 1.0)
+    expected = order[torch.bucketize(v.clamp(-1, 1), bounds)].long()
+    if tables.levels == 4:
+        args = (tables.key_scale, tables.key_offset, tables.key_shift, tables.key_mask)
+        got = _lookup_on_host(v, tables.rows, *args)
+    else:
+        shift = 0.0 if not tables.key_shift else float(torch.tensor(tables.key_shift).view(torch.float32))
+        keys = common.bucket_keys(v, tables.key_scale, tables.key_offset - common.KEY_MAGIC, shift) & tables.key_mask
+        idx = tables.rows[keys].long()
+        got = idx + (v > tables.bounds[idx]).long()
+    assert torch.equal(got, expected), f"{(got != expected).sum().item()} of {v.numel()} differ"
+
+
+@pytest.mark.parametrize("n", [16, 200])
+@pytest.mark.parametrize("kind", ["beyond-1", "crowded"])
+def test_codebook_binary_search_fallback(n: int, kind: str) -> None:
+    """Codebooks the bucket rows cannot take still quantize exactly, through the binary search: values
+    beyond +-1 (bounds outside [-1, 1], where the reference's clamp matters) and values crowded closer
+    than the finest grid (bounds 1e-4 apart)."""
+    g = torch.Generator().manual_seed(n)
+    if kind == "beyond-1":
+        values = (torch.rand(n, generator=g) * 3 - 1.5).tolist()
+    else:
+        values = torch.linspace(-1, 1, n - 3).tolist() + [0.0001, 0.0002, 0.0003]
+    cb = codebook_tensor(tuple(values), DEVICE)
+    assert codebook.search_tables(cb, torch.device(DEVICE)).rows is None
+    x = _weights((4, 256), torch.float32)
+    pack = n <= 16
+    q_ref, s_ref = reference.quantize_codebook(x, 64, cb, pack)
+    q_tri, s_tri = ops.resolve("quantize_codebook", "triton", x.device)(x, 64, cb, pack)
+    assert torch.equal(q_tri, q_ref) and torch.equal(s_tri, s_ref)
+
+
+def test_e2m1_bucket_rows_equal_the_encoder() -> None:
+    """``common.e2m1_lookup``'s rows give ``e2m1_encode`` for |v| <= E2M1_LIMIT: every decision bound and
+    its neighbours (both signs), +-0, a dense sweep and tiny magnitudes."""
+    limit = common.E2M1_LIMIT.value
+    bounds = torch.tensor(E2M1_BOUNDS)
+    v = _around(torch.cat([bounds, -bounds, torch.tensor([6.0, -6.0])]), -limit, limit).clamp(-limit, limit)
+    rows = common.e2m1_rows(torch.device("cpu"))
+    got = _lookup_on_host(v, rows, common.E2M1_KEY_SCALE.value, common.E2M1_KEY_OFFSET.value, 0, 255)
+    expected = reference.e2m1_encode(v).long()
+    assert torch.equal(got, expected), f"{(got != expected).sum().item()} of {v.numel()} differ"
+
+
+@triton.jit
+def _div_by_kernel(x_ptr, d_ptr, q_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=1.0)
+    d = tl.load(d_ptr + offs, mask=offs < n, other=1.0)
+    tl.store(q_ptr + offs, common.div_by(x, d, common.reciprocal(d)), mask=offs < n)
+
+
+def test_div_by_equals_ieee_division() -> None:
+    """``common.div_by`` (reciprocal, two corrections) rounds x / d exactly as IEEE division for d across
+    [DIV_MIN, DIV_MAX], random significands of both (including all-ones ones) and quotients on and
+    next to the midpoints of the integer, E4M3 and E2M1 grids."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 18
+
+    def significands(k: int) -> torch.Tensor:
+        bits = torch.randint(0x3F800000, 0x40000000, (k,), generator=g, dtype=torch.int32)
+        bits[: k // 8] = 0x3FFFFFFF - torch.randint(0, 64, (k // 8,), generator=g, dtype=torch.int32)
+        return bits.view(torch.float32)
+
+    d = significands(n) * torch.exp2(torch.randint(-80, 80, (n,), generator=g).float())
+    x = significands(n) * torch.exp2(torch.randint(-30, 30, (n,), generator=g).float()) * d
+    q = (torch.randint(0, 512, (n,), generator=g).float() + 0.5) / 64  # on grid midpoints
+    on_mid = (q * d).float()
+    x = torch.cat([x, on_mid, torch.nextafter(on_mid, on_mid * 2), torch.nextafter(on_mid, on_mid * 0)])
+    d = torch.cat([d, d, d, d])
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.5, -x, x).contiguous()
+    expected = x / d  # CPU: IEEE
+    x, d = x.to(DEVICE), d.to(DEVICE)
+    out = torch.empty_like(x)
+    _div_by_kernel[(triton.cdiv(x.numel(), 4096),)](x, d, out, x.numel(), BLOCK=4096)
+    assert torch.equal(out.cpu().view(torch.int32), expected.view(torch.int32))
 
 
 def test_nvfp4_global_scale_matches_reference() -> None:

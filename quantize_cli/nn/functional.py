@@ -64,8 +64,26 @@ def dequantize_linear(
 def quant_linear(x: Tensor, state: QuantState, bias: Tensor | None = None, input_scale: Tensor | None = None) -> Tensor:
     """``x @ dequantize(state).T + bias`` in ``x.dtype`` (x int8-quantized first when ``input_scale`` is
     given), by a registered kernel where there is one."""
+    if x.device.type not in _LOADED:
+        load_device_kernels(x.device.type)
     fn = _OVERRIDES.get((x.device.type, state.scheme), dequantize_linear)
     return fn(x, state, bias, input_scale)
+
+
+# Device types whose kernel modules were imported (or found missing): looked up once per device type.
+_LOADED: set[str] = set()
+
+
+def load_device_kernels(device_type: str) -> None:
+    """Register the fused kernels of ``device_type`` on first use: on CUDA, ``quantize_cli.nn.fused``
+    (the Triton GEMV), skipped where Triton does not import."""
+    _LOADED.add(device_type)
+    if device_type != "cuda":
+        return
+    try:
+        from . import fused  # noqa: F401, PLC0415 - registers on import; optional dependency (Triton)
+    except ImportError:
+        return
 
 
 @lru_cache(maxsize=64)

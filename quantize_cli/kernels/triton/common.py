@@ -140,6 +140,45 @@ def safe_div(num, den):
     return tl.where(zero, 0.0, tl.math.div_rn(num, tl.where(zero, 1.0, den)))
 
 
+# Divisors for which ``div_by`` is exact: every residual it forms stays a normal fp32 (or an exact
+# subnormal) for quotients down to 2**-12, below every rounding decision the encoders make.
+FLT_MAX = tl.constexpr(float(np.finfo(np.float32).max))
+DIV_MIN = tl.constexpr(2.0**-80)
+DIV_MAX = tl.constexpr(2.0**80)
+
+
+@triton.jit
+def reciprocal(den):
+    """Per-block 1 / den rounded to nearest (IEEE), 0 where den is 0: the multiplier of ``div_by``."""
+    zero = den == 0.0
+    return tl.where(zero, 0.0, tl.math.div_rn(tl.full(den.shape, 1.0, tl.float32), tl.where(zero, 1.0, den)))
+
+
+@triton.jit
+def div_by_fits(den):
+    """Per block: den is 0 or within [DIV_MIN, DIV_MAX], where ``div_by`` may replace ``safe_div``."""
+    return (den == 0.0) | ((den >= DIV_MIN) & (den <= DIV_MAX))
+
+
+@triton.jit
+def all_blocks(cond):
+    """True (0-d) when ``cond`` (BB,) holds for every block of the tile: the test of a tile-wide branch."""
+    return tl.min(cond.to(tl.int32), axis=0) == 1
+
+
+@triton.jit
+def div_by(num, den, inv):
+    """num / den rounded to nearest even, from ``inv = reciprocal(den)``: one multiply and four FMAs, no
+    division per element. ``num * inv`` is within 1.5 ulp of the quotient; a Markstein correction
+    ``q + (num - den * q) * inv`` makes it faithful, and a second one (its residual exact, q being
+    faithful), with the correctly rounded ``inv``, correctly rounded (Markstein's theorem; the same two
+    steps as the fast path of CUDA's ``div.rn.f32``). Needs den in [DIV_MIN, DIV_MAX]
+    (``div_by_fits``); den == 0 (inv 0) gives +-0, where ``safe_div`` gives +0."""
+    q = num * inv
+    q = tl.fma(tl.fma(-q, den, num), inv, q)
+    return tl.fma(tl.fma(-q, den, num), inv, q)
+
+
 @triton.jit
 def store_out(ptr, offs, mask, v, OUT: tl.constexpr):
     """Store fp32 ``v`` as fp32, fp16 (cvt rounds to nearest even) or bf16 bits rounded to nearest even
@@ -212,3 +251,100 @@ def e2m1_decode(code):
     nrm = ((((m >> 1) + 126) << 23) | ((m & 1) << 22)).to(tl.float32, bitcast=True)
     val = tl.where(m < 2, m.to(tl.float32) * 0.5, nrm)
     return tl.where(code >= 8, -val, val)
+
+
+# ---- bucket lookup: the count of sorted bounds below v with one comparison ---------------------------------
+
+KEY_MAGIC = 2.0**23  # fp32 ulp 1 in [2**23, 2**24): adding it rounds to an integer; its low 23 bits are 0
+
+
+@triton.jit
+def bucket(v, KEY_SCALE: tl.constexpr, KEY_OFFSET: tl.constexpr, KEY_SHIFT: tl.constexpr, KEY_MASK: tl.constexpr):
+    """The lookup-table row of v (int32): round(v' * KEY_SCALE) + offset, read from the bits of the fp32
+    sum (KEY_OFFSET = 2**23 + offset, so the add itself rounds to an integer; KEY_SCALE is a power of
+    two, so a fused or unfused multiply-add agree). v' is v, or v moved away from 0 by the fp32 whose
+    bits are KEY_SHIFT (0: none). Monotone in v; masked into the table, so no v (not even NaN) reads
+    outside it."""
+    if KEY_SHIFT != 0:
+        v = v + ((v.to(tl.uint32, bitcast=True) & 0x80000000) | KEY_SHIFT).to(tl.float32, bitcast=True)
+    return (v * KEY_SCALE + KEY_OFFSET).to(tl.int32, bitcast=True) & KEY_MASK
+
+
+@triton.jit
+def gather(table, idx):
+    """``table[idx]`` for a 1-D table loaded whole into registers and an index tile of any shape. Triton
+    stages the table in shared memory once per call and each element reads its entry there
+    (``tl.gather``): a shared-memory gather costs a few bank cycles per warp, where the same gather from
+    global memory (L1-cached) costs a wavefront per touched sector and made these lookups L1-bound."""
+    return tl.reshape(tl.gather(table, tl.reshape(idx, (idx.numel,)), 0), idx.shape)
+
+
+@triton.jit
+def lookup16(
+    v, rows_ptr, KEY_SCALE: tl.constexpr, KEY_OFFSET: tl.constexpr, KEY_SHIFT: tl.constexpr, KEY_MASK: tl.constexpr
+):  # fmt: skip
+    """Code of v from its 8-byte row (``bucket_rows16``, KEY_MASK + 1 rows): low word the row's bound
+    (fp32 bits, +inf if none), high word ``code_le | code_gt << 8``. Only the low 8 bits of the result
+    are the code (above them may sit code_gt), which a uint8 store and ``pack_pairs`` both ignore."""
+    rows = tl.load(rows_ptr + tl.arange(0, KEY_MASK + 1))
+    row = gather(rows, bucket(v, KEY_SCALE, KEY_OFFSET, KEY_SHIFT, KEY_MASK))
+    bound = row.to(tl.int32).to(tl.float32, bitcast=True)
+    codes = (row >> 32).to(tl.int32)
+    return tl.where(v > bound, codes >> 8, codes)
+
+
+def bucket_keys(v: torch.Tensor, scale: float, offset: float, shift: float) -> torch.Tensor:
+    """``bucket`` on the host, unmasked (int64), with the same fp32 operations on CPU values. Rows of
+    bounds are taken at ``bounds + 0.0``: a bound -0.0 compares as +0.0, and must sit in +0.0's row."""
+    v = v.to(torch.float32)
+    if shift:
+        v = v + torch.copysign(torch.full_like(v, shift), v)
+    s = v * scale + torch.tensor(KEY_MAGIC + offset, dtype=torch.float32)
+    return s.view(torch.int32).long() - torch.tensor(KEY_MAGIC, dtype=torch.float32).view(torch.int32).long()
+
+
+def bucket_rows16(bounds: torch.Tensor, order: torch.Tensor, keys: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """int64 rows for ``lookup16``: ``bound_bits | (code_le | code_gt << 8) << 32``.
+
+    ``bounds`` are sorted with distinct ``keys`` (their rows); ``order[i]`` is the code of sorted
+    position i (``#(bounds < v)``). A row's code_le is the code at the count of bounds in lower rows,
+    all below any v of the row since ``bucket`` is monotone; bounds in higher rows are at or above it.
+    """
+    rows = torch.arange(n_rows)
+    below = torch.searchsorted(keys, rows)
+    has = (below < keys.numel()) & (keys[below.clamp(max=keys.numel() - 1)] == rows)
+    bound = torch.where(has, bounds.float()[below.clamp(max=keys.numel() - 1)], torch.tensor(float("inf")))
+    codes = order.long()[below] | (order.long()[below + has.long()] << 8)
+    return (bound.view(torch.int32).long() & 0xFFFFFFFF) | (codes << 32)
+
+
+# ---- E2M1 by bucket lookup ----------------------------------------------------------------------------------
+
+# v > b over the sorted bounds of both signs: positive ones are the strict thresholds above; a negative v
+# moves to the smaller magnitude when |v| <= t, i.e. v > the fp32 just below -t. Codes: sign bit only for
+# a non-zero magnitude, so the positions around 0 share code 0.
+_E2M1_SORTED = [float(np.nextafter(np.float32(-t), np.float32(-np.inf))) for t in reversed(_T)] + _T
+_E2M1_ORDER = [15, 14, 13, 12, 11, 10, 9, 0, 1, 2, 3, 4, 5, 6, 7]
+E2M1_KEY_SCALE = tl.constexpr(4.0)  # rows a quarter wide: each holds at most one bound
+E2M1_LIMIT = tl.constexpr(15.0)  # |v| the table covers (with a margin): the rows span [-16.25, 16.25]
+E2M1_KEY_OFFSET = tl.constexpr(KEY_MAGIC + 65.0)
+E2M1_KEY_MASK = tl.constexpr(255)
+_E2M1_ROWS: dict[torch.device, torch.Tensor] = {}
+
+
+def e2m1_rows(device: torch.device) -> torch.Tensor:
+    """``lookup16`` rows of E2M1 (``e2m1_lookup``) on ``device``, built once per device."""
+    if device not in _E2M1_ROWS:
+        bounds = torch.tensor(_E2M1_SORTED, dtype=torch.float32)
+        keys = bucket_keys(bounds + 0.0, E2M1_KEY_SCALE.value, E2M1_KEY_OFFSET.value - KEY_MAGIC, 0.0)
+        assert keys.unique().numel() == keys.numel() and keys.min() > 0 and keys.max() < E2M1_KEY_MASK.value
+        order = torch.tensor(_E2M1_ORDER, dtype=torch.uint8)
+        _E2M1_ROWS[device] = bucket_rows16(bounds, order, keys, E2M1_KEY_MASK.value + 1).to(device)
+    return _E2M1_ROWS[device]
+
+
+@triton.jit
+def e2m1_lookup(v, rows_ptr):
+    """``e2m1_encode`` for |v| <= E2M1_LIMIT by one table row and one comparison (low 8 bits of the
+    result; see ``lookup16``). Larger |v| would wrap to another row: callers bound it per block."""
+    return lookup16(v, rows_ptr, E2M1_KEY_SCALE, E2M1_KEY_OFFSET, 0, E2M1_KEY_MASK)

@@ -3,7 +3,11 @@
 
 Per block: symmetric ``s = absmax / qmax``, ``q = clamp(rint(x / s), -qmax, qmax)``; asymmetric (4-bit)
 ``s = (hi - lo) / 15`` over [min(x, 0), max(x, 0)], ``zp = clamp(rint(-lo / s), 0, 15)``,
-``q = clamp(rint(x / s) + zp, 0, 15)``. Every division is IEEE (``div_rn``), as the reference's.
+``q = clamp(rint(x / s) + zp, 0, 15)``. Every division rounds as the reference's IEEE one: per block
+``div_rn``; per element ``common.div_by`` (the block's reciprocal and two exact corrections) wherever
+every scale of the tile lies in its range, ``div_rn`` otherwise. The quotient is rounded and clamped
+as ``x / s + 1.5 * 2**23`` (the add rounds half to even), whose low bits are the integer: no
+float-to-int conversion per element.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import triton
 import triton.language as tl
 
 from .common import (
+    all_blocks,
     check_2d,
+    div_by,
+    div_by_fits,
     interleave,
     out_buffer,
     out_code,
     pack_pairs,
     plan_tiling,
+    reciprocal,
     rint,
     safe_div,
     store_out,
@@ -28,18 +36,39 @@ from .common import (
 Tensor = torch.Tensor
 
 
+MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: fp32 ulp 1, low 22 bits 0
+
+
 @triton.jit
-def _encode(x, scale, zp, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """fp32 tile, per-block scale and zero point (BB,) -> int32 codes (int8 value, or 4-bit nibble)."""
-    r = rint(safe_div(x, scale[:, None]))
+def _round(r, zp, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NORMAL_SCALE: tl.constexpr):
+    """Quotients x / s -> int32 whose low 8 bits are the code (int8 value, or 4-bit nibble with nothing
+    in bits 4-7): the clamped integer plus MAGIC (4-bit symmetric: MAGIC + 8) as fp32 bits.
+
+    With NORMAL_SCALE (every s of the tile a normal fp32, so s = RN(num / den) is within 2**-24 of it)
+    clamps that cannot bind are left out: symmetric, |x| / s <= qmax * (1 + 2**-23) rounds to at most
+    qmax; asymmetric, x >= lo gives rint(x / s) >= rint(lo / s) = -zp (zp = rint(-lo / s) <= 15 is not
+    clamped either), so only the upper clamp stays. A subnormal s is coarser and needs them all."""
     if SYMMETRIC:
         qmax: tl.constexpr = 2 ** (BITS - 1) - 1
-        q = tl.minimum(tl.maximum(r, -qmax), qmax)
-        if BITS == 4:
-            q += 8.0  # stored as an unsigned nibble
+        base: tl.constexpr = MAGIC + 8.0 if BITS == 4 else MAGIC  # an even base keeps ties to even
+        t = r + base
+        if not NORMAL_SCALE:
+            t = tl.minimum(tl.maximum(t, base - qmax), base + qmax)
     else:
-        q = tl.minimum(tl.maximum(r + zp[:, None], 0.0), 15.0)
-    return q.to(tl.int32)
+        t = tl.minimum((r + MAGIC) + zp[:, None], MAGIC + 15.0)
+        if not NORMAL_SCALE:
+            t = tl.maximum(t, MAGIC)
+    return t.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _encode(x, scale, inv, zp, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """fp32 tile, per-block scale, its reciprocal and zero point (BB,) -> int32 codes (``_round``)."""
+    if all_blocks(div_by_fits(scale)):
+        code = _round(div_by(x, scale[:, None], inv[:, None]), zp, BITS, SYMMETRIC, True)
+    else:
+        code = _round(safe_div(x, scale[:, None]), zp, BITS, SYMMETRIC, False)
+    return code
 
 
 @triton.jit
@@ -69,7 +98,7 @@ def _stats(x, SYMMETRIC: tl.constexpr):
 
 @triton.jit
 def _scale_zero(lo, hi, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """Per-block (scale, zero point) from the block's statistics."""
+    """Per-block (scale, its reciprocal, zero point) from the block's statistics."""
     if SYMMETRIC:
         qmax: tl.constexpr = 2 ** (BITS - 1) - 1
         scale = tl.math.div_rn(hi, tl.full(hi.shape, qmax, tl.float32))
@@ -77,7 +106,7 @@ def _scale_zero(lo, hi, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
     else:
         scale = tl.math.div_rn(hi - lo, tl.full(lo.shape, 15.0, tl.float32))
         zp = tl.minimum(tl.maximum(rint(safe_div(-lo, scale)), 0.0), 15.0)
-    return scale, zp
+    return scale, reciprocal(scale), zp
 
 
 @triton.jit
@@ -95,8 +124,8 @@ def _quantize_kernel(
         offs, mask = tile_offsets(blocks, ok, 0, BLOCK, BP)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         lo, hi = _stats(x, SYMMETRIC)
-        scale, zp = _scale_zero(lo, hi, BITS, SYMMETRIC)
-        _store_codes(q_ptr, blocks, ok, 0, _encode(x, scale, zp, BITS, SYMMETRIC), BLOCK, BB, BP, BITS)
+        scale, inv, zp = _scale_zero(lo, hi, BITS, SYMMETRIC)
+        _store_codes(q_ptr, blocks, ok, 0, _encode(x, scale, inv, zp, BITS, SYMMETRIC), BLOCK, BB, BP, BITS)
     else:
         lo = tl.zeros((BB,), tl.float32)
         hi = tl.zeros((BB,), tl.float32)
@@ -106,11 +135,12 @@ def _quantize_kernel(
             c_lo, c_hi = _stats(x, SYMMETRIC)
             lo = tl.minimum(lo, c_lo)
             hi = tl.maximum(hi, c_hi)
-        scale, zp = _scale_zero(lo, hi, BITS, SYMMETRIC)
+        scale, inv, zp = _scale_zero(lo, hi, BITS, SYMMETRIC)
         for c in range(NCHUNK):
             offs, mask = tile_offsets(blocks, ok, c * BP, BLOCK, BP)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            _store_codes(q_ptr, blocks, ok, c * BP, _encode(x, scale, zp, BITS, SYMMETRIC), BLOCK, BB, BP, BITS)
+            code = _encode(x, scale, inv, zp, BITS, SYMMETRIC)
+            _store_codes(q_ptr, blocks, ok, c * BP, code, BLOCK, BB, BP, BITS)
     tl.store(scale_ptr + pid * BB + blocks, scale, mask=ok)
     if not SYMMETRIC:
         tl.store(zp_ptr + pid * BB + blocks, zp.to(tl.uint8), mask=ok)

@@ -3,7 +3,8 @@
 Shared exponent ``e = clamp(floor(log2(amax_b)) - 2, -127, 127)`` read from the fp32 exponent bits;
 elements ``e2m1(x * 2**-e)``. ``2**-e`` is built from its bits and is a normal fp32 for every reachable
 ``e`` (-127..125), and multiplying by an exact power of two rounds exactly as the reference's division
-by ``2**e`` does.
+by ``2**e`` does. The code is ``common.e2m1_lookup`` (one shared-memory table row, one comparison),
+whose table covers ``|x * 2**-e| < 8``; a tile holding an infinity saturates its quotients first.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import triton.language as tl
 
 from ..constants import E2M1_EMAX, E8M0_BIAS
 from .common import (
+    E2M1_LIMIT,
+    FLT_MAX,
+    all_blocks,
     check_2d,
     e2m1_decode,
-    e2m1_encode,
+    e2m1_lookup,
+    e2m1_rows,
     interleave,
     out_buffer,
     out_code,
@@ -38,15 +43,20 @@ def _shared_exponent(amax, EMAX: tl.constexpr, BIAS: tl.constexpr):
 
 
 @triton.jit
-def _encode_store(q_ptr, blocks, ok, col0, x, inv, BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr):
-    codes = e2m1_encode(x * inv[:, None])
+def _encode_store(
+    q_ptr, e_ptr, blocks, ok, col0, x, inv, fast, BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr
+):  # fmt: skip
+    v = x * inv[:, None]
+    if not fast:  # an infinite element: saturating at the table's edge changes no code
+        v = tl.minimum(tl.maximum(v, -E2M1_LIMIT), E2M1_LIMIT)
+    codes = e2m1_lookup(v, e_ptr)
     offs, mask = tile_offsets(blocks, ok, col0 // 2, BLOCK // 2, BP // 2)
     tl.store(q_ptr + offs, pack_pairs(codes, BB, BP), mask=mask)
 
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, q_ptr, scale_ptr, n_blocks,
+    x_ptr, q_ptr, scale_ptr, e_ptr, n_blocks,
     BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, NCHUNK: tl.constexpr,
     EMAX: tl.constexpr, BIAS: tl.constexpr,
 ):  # fmt: skip
@@ -58,8 +68,9 @@ def _quantize_kernel(
     if NCHUNK == 1:
         offs, mask = tile_offsets(blocks, ok, 0, BLOCK, BP)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        e, inv = _shared_exponent(tl.max(tl.abs(x), axis=1), EMAX, BIAS)
-        _encode_store(q_ptr, blocks, ok, 0, x, inv, BLOCK, BB, BP)
+        amax = tl.max(tl.abs(x), axis=1)
+        e, inv = _shared_exponent(amax, EMAX, BIAS)
+        _encode_store(q_ptr, e_ptr, blocks, ok, 0, x, inv, all_blocks(amax <= FLT_MAX), BLOCK, BB, BP)
     else:
         amax = tl.zeros((BB,), tl.float32)
         for c in range(NCHUNK):
@@ -67,10 +78,11 @@ def _quantize_kernel(
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         e, inv = _shared_exponent(amax, EMAX, BIAS)
+        fast = all_blocks(amax <= FLT_MAX)
         for c in range(NCHUNK):
             offs, mask = tile_offsets(blocks, ok, c * BP, BLOCK, BP)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            _encode_store(q_ptr, blocks, ok, c * BP, x, inv, BLOCK, BB, BP)
+            _encode_store(q_ptr, e_ptr, blocks, ok, c * BP, x, inv, fast, BLOCK, BB, BP)
     tl.store(scale_ptr + pid * BB + blocks, (e + BIAS).to(tl.uint8), mask=ok)
 
 
@@ -111,7 +123,7 @@ def quantize_mxfp4(x: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     t = plan_tiling(x.numel(), block_size)
     if t.n_blocks:
         _quantize_kernel[t.grid](
-            x, q, scale, t.n_blocks,
+            x, q, scale, e2m1_rows(x.device), t.n_blocks,
             BLOCK=block_size, BB=t.blocks_per_program, BP=t.width, NCHUNK=t.chunks,
             EMAX=E2M1_EMAX, BIAS=E8M0_BIAS, num_warps=t.num_warps,
         )  # fmt: skip

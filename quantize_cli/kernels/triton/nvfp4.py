@@ -3,6 +3,13 @@ plus ``nvfp4_global_scale`` (the per-tensor amax pass the scheme runs first).
 
 Block scale ``s = e4m3(min((amax_b / 6) / gs, 448))``; element code ``e2m1(x / (s * gs))``, 0 where
 the block scale is 0. The global scale ``gs`` is read from its 0-d tensor, so no host sync.
+
+Per element, where every block of the tile allows it (a divisor in ``div_by``'s range, quotients within
+the E2M1 table's): the quotient by ``common.div_by`` (the block's reciprocal and two exact corrections,
+no division). Elsewhere (blocks whose scale saturated under a user's global scale, extreme magnitudes)
+IEEE ``div_rn``, saturated at the table's edge. The code is then ``common.e2m1_lookup`` (one
+shared-memory table row, one comparison). Both give the reference's codes. Blocks of up to 32
+elements (NVFP4's 16) take a (chunk, block, vector) tile that keeps each block in one thread.
 """
 
 from __future__ import annotations
@@ -13,9 +20,15 @@ import triton.language as tl
 
 from ..constants import F4_E2M1_MAX, F8_E4M3_MAX
 from .common import (
+    E2M1_LIMIT,
+    TILE,
+    all_blocks,
     check_2d,
+    div_by,
+    div_by_fits,
     e2m1_decode,
-    e2m1_encode,
+    e2m1_lookup,
+    e2m1_rows,
     e4m3_decode,
     e4m3_encode,
     interleave,
@@ -23,6 +36,7 @@ from .common import (
     out_code,
     pack_pairs,
     plan_tiling,
+    reciprocal,
     safe_div,
     store_out,
     tile_offsets,
@@ -33,22 +47,65 @@ Tensor = torch.Tensor
 
 @triton.jit
 def _block_scale(amax, gs, FMAX: tl.constexpr, EMAX: tl.constexpr):
-    """Per-block (E4M3 code, decode scale code * gs) from the block amax, in the reference's order."""
+    """Per-block (E4M3 code, decode scale code * gs, its reciprocal) from the block amax, in the
+    reference's order, and whether the tile may take the fast path (0-d)."""
     block = tl.math.div_rn(tl.math.div_rn(amax, tl.full(amax.shape, EMAX, tl.float32)), tl.zeros_like(amax) + gs)
     code = e4m3_encode(tl.minimum(block, FMAX))
-    return code, e4m3_decode(code) * gs
+    total = e4m3_decode(code) * gs
+    inv = reciprocal(total)
+    # |x / total| <= amax * inv within an ulp or two, so LIMIT bounds every quotient (false for NaN)
+    fast = all_blocks(div_by_fits(total) & (amax * inv <= E2M1_LIMIT))
+    return code, total, inv, fast
 
 
 @triton.jit
-def _encode_store(q_ptr, blocks, ok, col0, x, total, BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr):
-    codes = e2m1_encode(safe_div(x, total[:, None]))
+def _codes(x, total, inv, fast, e_ptr):
+    """E2M1 codes (low 8 bits) of a tile x over its per-block ``total`` (broadcast to x's shape)."""
+    if fast:
+        v = div_by(x, total, inv)
+    else:  # saturating at the table's edge changes no code (E2M1 saturates at 6)
+        v = tl.minimum(tl.maximum(safe_div(x, total), -E2M1_LIMIT), E2M1_LIMIT)
+    return e2m1_lookup(v, e_ptr)
+
+
+@triton.jit
+def _encode_store(
+    q_ptr, e_ptr, blocks, ok, col0, x, total, inv, fast, BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr
+):  # fmt: skip
+    codes = _codes(x, total[:, None], inv[:, None], fast, e_ptr)
     offs, mask = tile_offsets(blocks, ok, col0 // 2, BLOCK // 2, BP // 2)
     tl.store(q_ptr + offs, pack_pairs(codes, BB, BP), mask=mask)
 
 
 @triton.jit
+def _quantize_narrow_kernel(
+    x_ptr, q_ptr, scale_ptr, gs_ptr, e_ptr, n_blocks,
+    BLOCK: tl.constexpr, BB: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr,
+    FMAX: tl.constexpr, EMAX: tl.constexpr,
+):  # fmt: skip
+    """Blocks of at most NCH * W elements as a (NCH, BB, W) tile: block b's NCH chunks of W contiguous
+    elements (one 16-byte load each) sit in one thread, so the per-block work (three IEEE divisions, the
+    E4M3 round trip) runs once per block instead of in every thread that holds part of it."""
+    pid = tl.program_id(0)
+    x_ptr += pid.to(tl.int64) * (BB * BLOCK)
+    q_ptr += pid.to(tl.int64) * (BB * BLOCK // 2)
+    blocks = tl.arange(0, BB)
+    ok = blocks < n_blocks - pid * BB
+    j = tl.arange(0, NCH)[:, None, None] * W + tl.arange(0, W)[None, None, :]  # column within the block
+    x = tl.load(x_ptr + (blocks[None, :, None] * BLOCK + j), mask=ok[None, :, None] & (j < BLOCK), other=0.0)
+    x = x.to(tl.float32)
+    code, total, inv, fast = _block_scale(tl.max(tl.max(tl.abs(x), axis=2), axis=0), tl.load(gs_ptr), FMAX, EMAX)
+    codes = _codes(x, total[None, :, None], inv[None, :, None], fast, e_ptr)
+    hi, lo = tl.split(tl.reshape(codes, (NCH, BB, W // 2, 2)))
+    jq = tl.arange(0, NCH)[:, None, None] * (W // 2) + tl.arange(0, W // 2)[None, None, :]
+    q_mask = ok[None, :, None] & (jq < BLOCK // 2)
+    tl.store(q_ptr + (blocks[None, :, None] * (BLOCK // 2) + jq), ((hi << 4) | lo).to(tl.uint8), mask=q_mask)
+    tl.store(scale_ptr + pid * BB + blocks, code.to(tl.uint8), mask=ok)
+
+
+@triton.jit
 def _quantize_kernel(
-    x_ptr, q_ptr, scale_ptr, gs_ptr, n_blocks,
+    x_ptr, q_ptr, scale_ptr, gs_ptr, e_ptr, n_blocks,
     BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, NCHUNK: tl.constexpr,
     FMAX: tl.constexpr, EMAX: tl.constexpr,
 ):  # fmt: skip
@@ -61,19 +118,19 @@ def _quantize_kernel(
     if NCHUNK == 1:
         offs, mask = tile_offsets(blocks, ok, 0, BLOCK, BP)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        code, total = _block_scale(tl.max(tl.abs(x), axis=1), gs, FMAX, EMAX)
-        _encode_store(q_ptr, blocks, ok, 0, x, total, BLOCK, BB, BP)
+        code, total, inv, fast = _block_scale(tl.max(tl.abs(x), axis=1), gs, FMAX, EMAX)
+        _encode_store(q_ptr, e_ptr, blocks, ok, 0, x, total, inv, fast, BLOCK, BB, BP)
     else:
         amax = tl.zeros((BB,), tl.float32)
         for c in range(NCHUNK):
             offs, mask = tile_offsets(blocks, ok, c * BP, BLOCK, BP)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        code, total = _block_scale(amax, gs, FMAX, EMAX)
+        code, total, inv, fast = _block_scale(amax, gs, FMAX, EMAX)
         for c in range(NCHUNK):
             offs, mask = tile_offsets(blocks, ok, c * BP, BLOCK, BP)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            _encode_store(q_ptr, blocks, ok, c * BP, x, total, BLOCK, BB, BP)
+            _encode_store(q_ptr, e_ptr, blocks, ok, c * BP, x, total, inv, fast, BLOCK, BB, BP)
     tl.store(scale_ptr + pid * BB + blocks, code.to(tl.uint8), mask=ok)
 
 
@@ -123,6 +180,7 @@ def _global_scale_kernel(partial_ptr, gs_ptr, n, WIDTH: tl.constexpr, DEN: tl.co
 # ---- host side --------------------------------------------------------------------------------------------
 
 _GS_TILE, _GS_ITERS = 4096, 8
+NARROW = 32  # blocks up to this (padded) width take the (chunk, block, vector) tile: NVFP4's 16 does
 
 
 def nvfp4_global_scale(x: Tensor) -> Tensor:
@@ -150,9 +208,17 @@ def quantize_nvfp4(x: Tensor, block_size: int, global_scale: Tensor) -> tuple[Te
     q = torch.empty((rows, cols // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((rows, cols // block_size), dtype=torch.float8_e4m3fn, device=x.device)
     t = plan_tiling(x.numel(), block_size)
-    if t.n_blocks:
+    width = triton.next_power_of_2(block_size)
+    if t.n_blocks and width <= NARROW:
+        w = min(width, 16 // x.element_size())
+        bb = TILE // width
+        _quantize_narrow_kernel[(triton.cdiv(t.n_blocks, bb),)](
+            x, q, scale.view(torch.uint8), gs, e2m1_rows(x.device), t.n_blocks,
+            BLOCK=block_size, BB=bb, NCH=width // w, W=w, FMAX=F8_E4M3_MAX, EMAX=F4_E2M1_MAX, num_warps=4,
+        )  # fmt: skip
+    elif t.n_blocks:
         _quantize_kernel[t.grid](
-            x, q, scale.view(torch.uint8), gs, t.n_blocks,
+            x, q, scale.view(torch.uint8), gs, e2m1_rows(x.device), t.n_blocks,
             BLOCK=block_size, BB=t.blocks_per_program, BP=t.width, NCHUNK=t.chunks,
             FMAX=F8_E4M3_MAX, EMAX=F4_E2M1_MAX, num_warps=t.num_warps,
         )  # fmt: skip
