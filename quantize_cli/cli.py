@@ -44,6 +44,27 @@ SchemeOpt = Annotated[
 BlockOpt = Annotated[
     int | None, typer.Option("--block-size", "-b", help="Elements per scale block (default: the scheme's).")
 ]
+_SMOOTH = (
+    "SmoothQuant for W8A8 (int8-static): each Linear input's channel j is divided by s_j = max|x_j|^a / "
+    "max|W[:,j]|^(1-a), folded into the preceding norm or Linear (the weight columns take s), so one static "
+    "int8 scale fits. "
+)
+SmoothCalibrateOpt = Annotated[
+    str,
+    typer.Option(
+        "--smooth",
+        help=_SMOOTH + "auto: per layer group the a in 0.3..0.9 with the least W8A8 output error on the "
+        "calibration data; a number in [0, 1]: that a everywhere; off: no factors.",
+    ),
+]
+SmoothConvertOpt = Annotated[
+    str,
+    typer.Option(
+        "--smooth",
+        help=_SMOOTH + "auto: fold the factors of the statistics (calibrating now with --data: a searched per "
+        "layer group); a number in [0, 1]: that a (the statistics must have been made with it); off: none.",
+    ),
+]
 DataOpt = Annotated[
     str,
     typer.Option("--data", help="Named data set (wikitext, c4, pile) or a local .txt/.jsonl/.parquet file or folder."),
@@ -125,11 +146,18 @@ def convert(
     calibration: Annotated[
         str | None, typer.Option("--calibration", help="Statistics from `quanta calibrate` (int8-static, hessian).")
     ] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Calibrate on this data first.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Calibrate on this data first (int8-static: histogram clip, --smooth)."),
+    ] = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration sequences, with --data.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence, with --data.")] = 512,
+    smooth: SmoothConvertOpt = "auto",
 ) -> None:
-    """Stream MODEL tensor by tensor through a scheme into a quantized safetensors folder."""
+    """Stream MODEL tensor by tensor through a scheme into a quantized safetensors folder.
+
+    int8-static folds the SmoothQuant smoothing of its calibration statistics into the weights (--smooth).
+    """
     from .pipeline import convert as run_convert
     from .pipeline.convert import CalibrationInput
 
@@ -139,7 +167,7 @@ def convert(
     result = run_convert(
         model, scheme, block_size, recipe, ignore or (), out, device, max_shard_size, overwrite, resume, revision,
         allow_pickle, progress=True, log=warn, method=method,
-        calibration=CalibrationInput(calibration, data, samples, seq_len),
+        calibration=CalibrationInput(calibration, data, samples, seq_len, smooth),
     )  # fmt: skip
     table = Table(show_header=False)
     for label, value in result.summary():
@@ -169,16 +197,20 @@ def calibrate(
     device: DeviceOpt = "auto",
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    smooth: SmoothCalibrateOpt = "auto",
 ) -> None:
     """Run calibration data through MODEL one decoder layer at a time and save the statistics.
 
     Only the embeddings and one decoder layer are in memory at a time, so models larger than memory
-    calibrate. The file feeds `quanta convert --calibration FILE` (int8-static, --method hessian).
+    calibrate. The file feeds `quanta convert --calibration FILE` (int8-static, --method hessian). For
+    Llama-family decoders it also holds SmoothQuant factors (--smooth) that int8-static folds into the weights;
+    int8-static wants --observer histogram.
     """
+    from .algorithms import parse_smooth
     from .calibration import CalibrationSettings
     from .calibration import calibrate as run_calibration
 
-    settings = CalibrationSettings(observer, per_channel, percentile, hessian, device)
+    settings = CalibrationSettings(observer, per_channel, percentile, hessian, device, smooth=parse_smooth(smooth))
     path = run_calibration(model, data, out, samples, seq_len, settings, revision, overwrite)
     console.print(f"wrote calibration statistics to [bold]{escape(str(path))}[/]")
 

@@ -185,7 +185,8 @@ def test_model_without_one_layer_list_is_refused(smollm2: Path) -> None:
 
 def test_convert_calibrates_and_converts_in_one_run(text_file: Path, tmp_path: Path) -> None:
     """`quanta convert --scheme int8-static --data FILE`: calibration runs first, its scratch file goes away,
-    and the stored input scales equal those of a separate `quanta calibrate` on the same data."""
+    and the stored input scales equal those of a separate `quanta calibrate` on the same data with the
+    settings convert picks for W8A8 (the histogram clip; smoothing does not apply to BERT)."""
     import json
 
     from _models import minilm_dir
@@ -199,7 +200,8 @@ def test_convert_calibrates_and_converts_in_one_run(text_file: Path, tmp_path: P
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w8a8"]  # no scratch statistics left behind
     stats_file = tmp_path / "separate.safetensors"
-    calibrate(str(minilm_dir()), str(text_file), stats_file, samples=2, seq_len=32, show_progress=False)
+    settings = CalibrationSettings(observer="histogram")
+    calibrate(str(minilm_dir()), str(text_file), stats_file, 2, 32, settings, show_progress=False)
     stats = CalibrationStats(stats_file)
     entries = json.loads((out / "quantization_map.json").read_text())["tensors"]
     name = "encoder.layer.2.intermediate.dense.weight"

@@ -55,9 +55,9 @@ def test_built_in_a_staging_folder_then_renamed(tmp_path: Path, monkeypatch: pyt
     seen = []
     real = convert_mod._convert_tensor
 
-    def spy(tp, tensor, dev, stats=None):
+    def spy(*args):
         seen.append((out.exists(), staging.is_dir()))
-        return real(tp, tensor, dev, stats)
+        return real(*args)
 
     monkeypatch.setattr(convert_mod, "_convert_tensor", spy)
     convert(str(minilm_dir()), scheme="nf4", out=out, progress=False)
@@ -70,11 +70,11 @@ def test_failure_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     calls = []
     real = convert_mod._convert_tensor
 
-    def fail_on_tenth(tp, tensor, dev, stats=None):
+    def fail_on_tenth(tp, *rest):
         calls.append(tp.name)
         if len(calls) == 10:
             raise QuantaError("simulated failure")
-        return real(tp, tensor, dev, stats)
+        return real(tp, *rest)
 
     monkeypatch.setattr(convert_mod, "_convert_tensor", fail_on_tenth)
     with pytest.raises(QuantaError, match="simulated"):

@@ -19,9 +19,11 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
+from ..algorithms import SmoothGroup, smoothing_groups
 from ..errors import QuantaError
 from ..pipeline.source import Source, SourceReader
-from .observers import make_observer
+from .observers import HistogramObserver, make_observer
+from .smoothing import AUTO, GroupChoice, choose
 
 Tensor = torch.Tensor
 
@@ -34,6 +36,9 @@ class LinearStats:
     hessian: Tensor | None = None
     tokens: int = 0
     shares_input_with: str | None = None  # another Linear of the layer that sees the very same input
+    channels: HistogramObserver | None = None  # per-channel histogram of the input, for smoothing
+    samples: list[Tensor] = field(default_factory=list)  # the first windows' inputs, for the alpha search
+    smoothing: GroupChoice | None = None  # the smoothing chosen for the Linear's group
 
 
 @dataclass
@@ -44,6 +49,8 @@ class CalibrationSettings:
     hessian: bool = True
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    smooth: str | float | None = None  # SmoothQuant: None, "auto" (alpha searched per group) or a fixed alpha
+    smooth_samples: int = 8  # windows the alpha search measures the output error on
 
 
 class _Caught(Exception):
@@ -193,8 +200,11 @@ def _materialise_own(
 
 
 @contextmanager
-def observing(layer: nn.Module, settings: CalibrationSettings) -> Iterator[dict[str, LinearStats]]:
-    """Hooks on every nn.Linear of ``layer`` that feed its input to an observer and to X^T X."""
+def observing(
+    layer: nn.Module, settings: CalibrationSettings, channel_linears: frozenset[str] = frozenset()
+) -> Iterator[dict[str, LinearStats]]:
+    """Hooks on every nn.Linear of ``layer`` that feed its input to an observer and to X^T X, and for the
+    Linears named in ``channel_linears`` (smoothing groups) to a per-channel histogram."""
     stats: dict[str, LinearStats] = {}
     # One window's Linear inputs with the Linear that saw each first. Holding the tensors keeps their
     # memory from being reused, so identity (not address) tells that q/k/v read the very same input.
@@ -213,6 +223,11 @@ def observing(layer: nn.Module, settings: CalibrationSettings) -> Iterator[dict[
             elif owner != name:
                 st.shares_input_with = owner
                 return
+            if name in channel_linears:
+                st.channels = st.channels or HistogramObserver(per_channel=True)
+                st.channels.update(x)
+                if settings.smooth == AUTO and len(st.samples) < settings.smooth_samples:
+                    st.samples.append(x.detach().reshape(-1, x.shape[-1]).float().clone())
             if settings.hessian:
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
                 xtx = flat.T @ flat
@@ -266,9 +281,29 @@ class LayerwiseRun:
             for i, layer in enumerate(layers):
                 prefix = f"{list_name}.{i}"
                 materialise(layer, prefix, reader, self.settings.device, self.settings.dtype)
-                with observing(layer, self.settings) as stats:
+                groups = self.groups(layer)
+                channel_linears = frozenset(n for g in groups for n in g.linears)
+                with observing(layer, self.settings, channel_linears) as stats:
                     hidden = run_layer(layer, hidden, args, kwargs, stats)
+                if groups:
+                    self.smooth(layer, groups, stats)
                 release(layer)
                 on_layer(i, prefix, stats)
                 if progress is not None:
                     progress(i + 1, len(layers))
+
+    def groups(self, layer: nn.Module) -> list[SmoothGroup]:
+        """The layer's smoothing groups when smoothing is asked for and the architecture supports it."""
+        if self.settings.smooth is None:
+            return []
+        return smoothing_groups((name for name, _ in layer.named_modules()), self.source.config or {})
+
+    def smooth(self, layer: nn.Module, groups: list[SmoothGroup], stats: dict[str, LinearStats]) -> None:
+        """Choose each group's smoothing and attach it to the group's Linears in ``stats``."""
+        s = self.settings
+        channels = {n: st.channels for n, st in stats.items() if st.channels is not None}
+        samples = {n: st.samples for n, st in stats.items() if st.samples}
+        for choice in choose(layer, groups, channels, samples, s.smooth, s.observer, s.percentile):
+            for name in choice.group.linears:
+                stats[name].smoothing = choice
+                stats[name].samples = []

@@ -113,6 +113,33 @@ class HistogramObserver:
         return best.float()
 
 
+def scaled_range(channels: HistogramObserver, divisor: Tensor, kind: str, percentile: float = 99.99) -> Tensor:
+    """The per-tensor clipping range (0-d fp32) of ``x / divisor`` by observer ``kind``, from a per-channel
+    histogram of ``x`` (``channels``: ``HistogramObserver(per_channel=True)``), without seeing ``x`` again.
+
+    Dividing channel j by ``divisor[j]`` moves its log2 bins by ``-log2(divisor[j])`` octaves; the shift is
+    rounded to whole bins (1/16 octave), so bin counts are exact to within one bin. ``minmax`` is exact
+    (``max_j amax_j / divisor_j``); ``percentile`` is the percentile of all values pooled (not the batch mean
+    of :class:`PercentileObserver`), at a bin's upper edge; ``histogram`` is the MSE-optimal clip.
+    """
+    d = divisor.float().cpu()
+    amax = (channels.amax / d).amax().reshape(1)
+    if kind == "minmax":
+        return amax[0]
+    shift = torch.round(-torch.log2(d) * BINS_PER_OCTAVE).long()
+    bins = (torch.arange(N_BINS).unsqueeze(0) + shift.unsqueeze(1)).clamp(0, N_BINS - 1)
+    pooled = HistogramObserver(per_channel=False, amax=amax)
+    pooled.counts = torch.zeros(1, N_BINS, dtype=torch.int64)
+    pooled.counts.view(-1).index_add_(0, bins.reshape(-1), channels.counts.reshape(-1))
+    if kind == "histogram":
+        return pooled.result()[0]
+    if kind == "percentile":
+        cumulative = pooled.counts[0].cumsum(0).double()
+        k = int(torch.searchsorted(cumulative, cumulative[-1] * percentile / 100.0))
+        return torch.minimum(pooled._edges[min(k + 1, N_BINS)].float(), amax[0])
+    raise ValueError(f"unknown observer {kind!r}; valid: {', '.join(OBSERVERS)}")
+
+
 def _suffix_above(x: Tensor) -> Tensor:
     """out[..., k] = sum of x[..., j] for j > k."""
     return x.flip(-1).cumsum(-1).flip(-1) - x

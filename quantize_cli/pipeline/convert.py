@@ -39,6 +39,7 @@ from ..schemes import get_scheme
 from .inspect import human_bytes
 from .plan import Plan, TensorPlan, input_scale_name, linear_name, make_plan, needs_calibration
 from .recipe import Recipe, build_recipe
+from .smoothing import Smoothing, plan_smoothing, static_linears
 from .source import PICKLE_INDEX, PICKLE_SUFFIXES, Source, SourceReader, resolve_source
 from .writer import INDEX_FILE, ShardWriter, Staging, index_json, parse_size, shard_names, write_json
 
@@ -136,7 +137,8 @@ def convert(
     ``scheme``/``block_size``/``ignore``/``method`` build a recipe or override ``recipe`` (a YAML file). ``out``
     defaults to ``<model name>-<scheme or recipe name>`` in the working directory. ``log`` receives
     warnings (default: the ``quanta`` logger). Calibrated schemes (int8-static) and ``method="hessian"``
-    read ``calibration``: a statistics file from ``quanta calibrate``, or data to calibrate on first.
+    read ``calibration``: a statistics file from ``quanta calibrate``, or data to calibrate on first; its
+    ``smooth`` folds the SmoothQuant factors of the statistics into the weights of W8A8 Linears.
     """
     log = log or _log.warning
     started = time.perf_counter()
@@ -152,10 +154,12 @@ def convert(
     plan = make_plan(source, used, max_bytes)
     for w in plan.warnings:
         log(w)
-    with _calibration_stats(plan, calibration or CalibrationInput(), source, staging, progress, log) as stats:
-        fingerprint = _fingerprint(source, used, plan, max_bytes, stats)
+    given = calibration or CalibrationInput()
+    with _calibration_stats(plan, given, source, staging, progress, log) as stats:
+        smoothing = plan_smoothing(plan, stats, given.smooth, log)
+        fingerprint = _fingerprint(source, used, plan, max_bytes, stats, smoothing)
         done = _prepare(staging, fingerprint, resume, log)
-        result = _run(plan, source, used, staging, dev, done, fingerprint, progress, stats)
+        result = _run(plan, source, used, staging, dev, done, fingerprint, progress, stats, smoothing)
     return _result(staging.target, source, used, plan, result, time.perf_counter() - started)
 
 
@@ -169,12 +173,13 @@ def _run(
     fingerprint: str,
     progress: bool,
     stats: Any,
+    smoothing: Smoothing | None = None,
 ) -> int:
     """Write the shards and the side files into the staging folder and publish it; returns shards resumed."""
     try:
         resumed = len(done)
-        _write_shards(plan, source, staging.tmp, dev, done, fingerprint, progress, stats)
-        _finish(staging.tmp, source, used, plan, done)
+        _write_shards(plan, source, staging.tmp, dev, done, fingerprint, progress, stats, smoothing)
+        _finish(staging.tmp, source, used, plan, done, smoothing)
         staging.publish()
     except KeyboardInterrupt:
         raise QuantaError(
@@ -188,12 +193,17 @@ def _run(
 
 @dataclass
 class CalibrationInput:
-    """Where calibration statistics come from: an existing ``file``, or ``data`` to calibrate on now."""
+    """Where calibration statistics come from: an existing ``file``, or ``data`` to calibrate on now.
+
+    ``smooth`` (W8A8 only): ``"auto"`` folds the file's SmoothQuant smoothing (calibrating now, alpha is
+    searched per group), an alpha in [0, 1] requires (or calibrates with) that alpha, ``"off"`` folds nothing.
+    """
 
     file: str | Path | None = None
     data: str | None = None
     samples: int = 128
     seq_len: int = 512
+    smooth: str | float | None = "auto"
 
 
 @contextmanager
@@ -218,8 +228,8 @@ def _calibration_stats(
     scratch = None
     if given.file is None:
         scratch = staging.target.with_name(f".{staging.target.name}.quanta-calib.safetensors")
-        calibrate(source.model, given.data, scratch, given.samples, given.seq_len, overwrite=True,
-                  show_progress=progress)  # fmt: skip
+        calibrate(source.model, given.data, scratch, given.samples, given.seq_len, _settings(plan, given),
+                  overwrite=True, show_progress=progress)  # fmt: skip
     try:
         stats = CalibrationStats(scratch or given.file)
         missing = [tp.name for tp in wanted if linear_name(tp.name) not in stats.linears]
@@ -231,7 +241,22 @@ def _calibration_stats(
             scratch.unlink(missing_ok=True)
 
 
-def _fingerprint(source: Source, recipe: Recipe, plan: Plan, max_bytes: int, stats: Any = None) -> str:
+def _settings(plan: Plan, given: CalibrationInput) -> Any:
+    """Calibration settings for calibrating during a conversion. For W8A8 Linears: smoothing as asked, and
+    the MSE-optimal (histogram) activation clip, which static int8 activations need far more than a
+    min-max range (SmolLM2-135M perplexity: README)."""
+    from ..algorithms import parse_smooth  # noqa: PLC0415
+    from ..calibration import CalibrationSettings  # noqa: PLC0415
+
+    hessian = any(tp.target.kwargs.get("method") == "hessian" for tp in plan.quantized)
+    if not static_linears(plan):
+        return CalibrationSettings(hessian=hessian)
+    return CalibrationSettings(observer="histogram", hessian=hessian, smooth=parse_smooth(given.smooth))
+
+
+def _fingerprint(
+    source: Source, recipe: Recipe, plan: Plan, max_bytes: int, stats: Any = None, smoothing: Smoothing | None = None
+) -> str:
     """A hash of everything that decides the output bytes: source files, recipe, plan, shard budget."""
     from .. import __version__
 
@@ -244,6 +269,7 @@ def _fingerprint(source: Source, recipe: Recipe, plan: Plan, max_bytes: int, sta
         plan.describe(),
         max_bytes,
         None if stats is None else stats.metadata,  # settings, data, samples: what decided the statistics
+        None if smoothing is None else smoothing.record,
     ]
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
 
@@ -300,6 +326,7 @@ def _write_shards(
     fingerprint: str,
     show: bool,
     stats: Any = None,
+    smoothing: Smoothing | None = None,
 ) -> None:
     """Write every shard not in ``done``, recording each in the progress file as it completes."""
     names = shard_names(len(plan.shards))
@@ -321,7 +348,7 @@ def _write_shards(
             with ShardWriter(tmp / names[k], plan.shard_specs(k)) as writer:
                 for name in shard:
                     tp = plan.tensors[name]
-                    tensors, entry = _convert_tensor(tp, reader.get(name), dev, stats)
+                    tensors, entry = _convert_tensor(tp, reader.get(name), dev, stats, smoothing)
                     for out_name, t in tensors.items():
                         writer.write(out_name, t)
                     if entry is not None:
@@ -335,13 +362,17 @@ def _write_shards(
 
 
 def _convert_tensor(
-    tp: TensorPlan, tensor: torch.Tensor, dev: torch.device, stats: Any = None
+    tp: TensorPlan, tensor: torch.Tensor, dev: torch.device, stats: Any = None, smoothing: Smoothing | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(output tensors on the CPU, map entry or None) for one source tensor.
 
     ``stats`` (CalibrationStats) supplies X^T X for ``method="hessian"`` and the static activation scale
-    of calibrated schemes, written as ``P.input_scale``.
+    of calibrated schemes, written as ``P.input_scale``. ``smoothing`` scales the tensor first when it folds
+    into it; a smoothed Linear's input scale is that of its smoothed input.
     """
+    smoothed = smoothing is not None and linear_name(tp.name) in smoothing.alphas
+    if smoothing is not None:
+        tensor = smoothing.apply(tp.name, tensor)
     if tp.target is None:
         return {tp.name: tensor}, None
     t = tp.target
@@ -356,16 +387,20 @@ def _convert_tensor(
     extra = {k: v for k, v in t.kwargs.items() if k != "method"}  # the scheme option is the map's "method"
     if get_scheme(t.scheme).needs_calibration:
         scale_name = input_scale_name(tp.name)
-        tensors[scale_name] = stats.input_scale(linear_name(tp.name)).float()
+        tensors[scale_name] = stats.input_scale(linear_name(tp.name), smoothed=smoothed).float()
         extra["input_scale"] = scale_name
+        if smoothed:
+            extra["smoothing_alpha"] = smoothing.alphas[linear_name(tp.name)]
     return tensors, map_entry(state, t.kwargs.get("method", METHOD), **extra)
 
 
-def _quantization_map(source: Source, recipe: Recipe, entries: dict[str, Any]) -> dict[str, Any]:
+def _quantization_map(
+    source: Source, recipe: Recipe, entries: dict[str, Any], smoothing: Smoothing | None = None
+) -> dict[str, Any]:
     from .. import __version__
 
     params = sum(math.prod(t.shape) for t in source.tensors.values())
-    return {
+    qmap = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "quanta_version": __version__,
@@ -373,15 +408,20 @@ def _quantization_map(source: Source, recipe: Recipe, entries: dict[str, Any]) -
         "recipe": recipe.to_dict(),
         "tensors": dict(sorted(entries.items())),
     }
+    if smoothing is not None:  # folded into the stored tensors: a record of what was done, not needed to load
+        qmap["smoothing"] = smoothing.record
+    return qmap
 
 
-def _finish(tmp: Path, source: Source, recipe: Recipe, plan: Plan, done: dict[str, Any]) -> None:
+def _finish(
+    tmp: Path, source: Source, recipe: Recipe, plan: Plan, done: dict[str, Any], smoothing: Smoothing | None = None
+) -> None:
     """Index, quantization map, config with ``quantization_config``, copied tokenizer/config files."""
     if len(plan.shards) > 1:
         outputs = [list(plan.shard_specs(k)) for k in range(len(plan.shards))]
         write_json(tmp / INDEX_FILE, index_json(outputs, plan.specs))
     entries = {n: e for info in done.values() for n, e in info["entries"].items()}
-    write_json(tmp / MAP_FILE, _quantization_map(source, recipe, entries))
+    write_json(tmp / MAP_FILE, _quantization_map(source, recipe, entries, smoothing))
     if source.root is not None:
         _copy_side_files(source.root, tmp)
     if source.config is not None:
