@@ -38,6 +38,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--hessian", action="store_true", help="also collect X^T X (off: ranges only)")
+    p.add_argument("--smooth", default="off", help="quanta calibrate --smooth (off: the configuration in results.md)")
     p.add_argument("--timeout", type=float, default=3000)
     p.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
@@ -70,11 +71,11 @@ def main() -> int:
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "quantize_cli", "calibrate", str(ckpt), "--data", args.text, "--samples",
            str(args.samples), "--seq-len", str(args.seq_len), "--out", str(out), "--device", "cpu",
-           "--hessian" if args.hessian else "--no-hessian"]  # fmt: skip
+           "--hessian" if args.hessian else "--no-hessian", "--smooth", args.smooth]  # fmt: skip
     rss, wall, code = measure(cmd, args.timeout)
     size = out.stat().st_size / 1e9 if out.is_file() else float("nan")
-    print(f"quanta calibrate ({args.layers} layers, {args.samples} x {args.seq_len}, hessian={args.hessian}): "
-          f"peak RSS {rss:.2f} GB, "
+    print(f"quanta calibrate ({args.layers} layers, {args.samples} x {args.seq_len}, hessian={args.hessian}, "
+          f"smooth={args.smooth}): peak RSS {rss:.2f} GB, "
           f"{wall:.0f} s, exit {code}, statistics {size:.2f} GB")  # fmt: skip
     return code
 
