@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernel_cases import SCHEME_IDS as IDS
-from _kernel_cases import SCHEMES
+from _kernel_cases import SCHEMES, block_errors, padded_blocks
 from _kernel_cases import bits as _bits
 
 from quantize_cli import dequantize, quantize
-from quantize_cli.kernels import ops, reference, scale_search
+from quantize_cli.kernels import ops, reference
 from quantize_cli.kernels.constants import NF4_CODEBOOK, codebook_search_tables, codebook_tensor
 
 pytestmark = [
@@ -168,20 +168,6 @@ def _calibration_hessian(cols: int, seed: int = 6) -> torch.Tensor:
     return a.T @ a / a.shape[0]
 
 
-def _padded_blocks(x: torch.Tensor, state) -> torch.Tensor:
-    rows, width = state.qdata.shape
-    x2 = x.reshape(rows, -1).float()
-    return torch.nn.functional.pad(x2, (0, 2 * width - x2.shape[1])).reshape(rows, -1, state.block_size)
-
-
-def _hessian_errors(x: torch.Tensor, state, h: torch.Tensor) -> torch.Tensor:
-    xb = _padded_blocks(x, state)
-    dq = dequantize(state, backend="reference").float().reshape(xb.shape[0], -1)
-    dq = torch.nn.functional.pad(dq, (0, xb.shape[1] * xb.shape[2] - dq.shape[1])).reshape(xb.shape)
-    hp = torch.nn.functional.pad(h.float(), (0, xb.shape[1] * xb.shape[2] - h.shape[0]) * 2)
-    return scale_search.block_error(xb, dq, scale_search.hessian_blocks(hp, state.block_size))
-
-
 # Same bounds as tests/test_triton_kernels.py: the tensor-core error may break near-ties the other way.
 HESSIAN_MAX_DIFFERING = 0.01
 HESSIAN_REL_TOL = 1e-6
@@ -197,7 +183,7 @@ def test_search_hessian_large(scheme: str, shape: tuple[int, int]) -> None:
     h = _calibration_hessian(shape[1])
     ref = quantize(x, scheme, method="hessian", hessian=h, backend="reference")
     tri = quantize(x, scheme, method="hessian", hessian=h, backend="triton")
-    xb = _padded_blocks(x, tri)
+    xb = padded_blocks(x, tri)
     if scheme == "nvfp4":
         assert torch.equal(tri.global_scale, ref.global_scale)
         total = tri.scale.float() * tri.global_scale.float()
@@ -206,8 +192,8 @@ def test_search_hessian_large(scheme: str, shape: tuple[int, int]) -> None:
     codes = reference.e2m1_encode(reference._safe_div(xb, total.unsqueeze(-1)))
     assert torch.equal(tri.qdata, reference.pack_4bit(codes.reshape(xb.shape[0], -1)))
     differ = _bits(tri.scale) != _bits(ref.scale)
-    e_tri = _hessian_errors(x, tri, h)[differ]
-    e_ref = _hessian_errors(x, ref, h)[differ]
+    e_tri = block_errors(x, tri, h)[differ]
+    e_ref = block_errors(x, ref, h)[differ]
     gap = ((e_tri - e_ref) / e_ref).max().item() if differ.any() else 0.0
     print(f"{scheme} {shape}: {differ.sum().item()} of {differ.numel()} scales differ, largest error gap {gap:.2e}")
     assert differ.float().mean().item() <= HESSIAN_MAX_DIFFERING

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from _kernel_cases import SCHEME_IDS, SCHEMES
+from _kernel_cases import SCHEME_IDS, SCHEMES, block_errors, padded_blocks
 from _kernel_cases import bits as _bits
 
 from quantize_cli import dequantize, quantize
@@ -312,25 +312,9 @@ def _hessian(cols: int, seed: int = 1) -> torch.Tensor:
     return (a.T @ a).to(DEVICE)
 
 
-def _padded_blocks(x: torch.Tensor, state) -> torch.Tensor:
-    """x as the scheme quantized it: (rows, blocks, block_size) fp32, zero-padded."""
-    rows, width = state.qdata.shape
-    x2 = x.reshape(rows, -1).float()
-    return torch.nn.functional.pad(x2, (0, 2 * width - x2.shape[1])).reshape(rows, -1, state.block_size)
-
-
-def _block_errors(x: torch.Tensor, state, hessian: torch.Tensor) -> torch.Tensor:
-    """Reference per-block error r^T H_b r (scale_search.block_error) of a quantized state."""
-    xb = _padded_blocks(x, state)
-    dq = dequantize(state, backend="reference").float().reshape(xb.shape[0], -1)
-    dq = torch.nn.functional.pad(dq, (0, xb.shape[1] * xb.shape[2] - dq.shape[1])).reshape(xb.shape)
-    h = torch.nn.functional.pad(hessian.float(), (0, xb.shape[1] * xb.shape[2] - hessian.shape[0]) * 2)
-    return scale_search.block_error(xb, dq, scale_search.hessian_blocks(h, state.block_size))
-
-
 def _codes_under(x: torch.Tensor, state) -> torch.Tensor:
     """The reference's packed E2M1 codes of x under the state's own block scales."""
-    xb = _padded_blocks(x, state)
+    xb = padded_blocks(x, state)
     if state.global_scale is not None:
         total = state.scale.float() * state.global_scale.float()
     else:
@@ -360,8 +344,8 @@ def assert_search_matches(x: torch.Tensor, scheme: str, method: str, block_size:
     assert torch.equal(tri.qdata, _codes_under(x, tri))
     differ = s_tri != s_ref
     assert differ.float().mean().item() <= HESSIAN_MAX_DIFFERING, f"{differ.sum().item()} of {differ.numel()} differ"
-    e_tri = _block_errors(x, tri, opts["hessian"])[differ]
-    e_ref = _block_errors(x, ref, opts["hessian"])[differ]
+    e_tri = block_errors(x, tri, opts["hessian"])[differ]
+    e_ref = block_errors(x, ref, opts["hessian"])[differ]
     assert torch.all(e_tri <= e_ref * (1 + HESSIAN_REL_TOL)), ((e_tri - e_ref) / e_ref).max().item()
 
 
