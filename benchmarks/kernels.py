@@ -31,6 +31,7 @@ import torch
 
 from quantize_cli.kernels import ops
 from quantize_cli.kernels.constants import FP4_CODEBOOK, NF4_CODEBOOK, codebook_tensor, nf8_codebook
+from quantize_cli.kernels.timing import capture, replay_ms
 
 Tensor = torch.Tensor
 SHAPES = [(4096, 11008), (8192, 8192), (14336, 4096)]
@@ -128,22 +129,13 @@ def graph_us(fn: Callable[[int], object], n_sets: int, reps: int = 3, replays: i
     for i in range(n_sets):
         fn(i)  # compile, fill caches, allocate outside the capture
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def body() -> None:
         for _ in range(reps):
             for i in range(n_sets):
                 fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 1e3 * statistics.median(times) / (reps * n_sets)
+
+    return 1e3 * replay_ms(capture(body), replays) / (reps * n_sets)
 
 
 def copy_bandwidth(device: torch.device, smoke: bool) -> float:

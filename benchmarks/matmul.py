@@ -36,7 +36,8 @@ from torch import nn
 
 from quantize_cli import QuantLinear, dequantize
 from quantize_cli.kernels.triton import matmul
-from quantize_cli.nn import fused
+from quantize_cli.nn import functional, fused
+from quantize_cli.nn.functional import fp8_activations
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import bench_us  # noqa: E402 - the sibling benchmark's timers
@@ -45,7 +46,7 @@ from kernels import graph_us as kernel_graph_us  # noqa: E402
 Tensor = torch.Tensor
 SHAPES = [(4096, 11008), (11008, 4096)]  # (out_features, in_features)
 BATCHES = [1, 16, 4096]
-SCHEMES = ["nf4", "fp4", "int4", "int8", "nf8", "fp8", "nvfp4", "mxfp4", "int8-static"]
+SCHEMES = ["nf4", "fp4", "int4", "int8", "nf8", "fp8", "fp8-a8", "nvfp4", "mxfp4", "int8-static"]
 COPY_GBPS = 3000.0  # H100 device-to-device copy, bytes read + written (DESIGN §5); for the floor column
 # Targets (DESIGN §5, issue #7): 4-bit at batch 1 >= 2.5x faster than fp16, batch 16 no slower, 4096 within 1.1x.
 TARGETS = {1: 1 / 2.5, 16: 1.0, 4096: 1.1}  # max allowed (4-bit µs) / (fp16 µs)
@@ -55,10 +56,25 @@ FOUR_BIT = ("nf4", "fp4", "int4")
 # ---- the layers -------------------------------------------------------------------------------------------
 
 
-def quanta_layer(linear: nn.Linear, scheme: str, calib: Tensor) -> QuantLinear:
-    """``linear`` quantized with ``scheme`` (int8-static: static input scale from ``calib``)."""
+class Fp8Activations(nn.Module):
+    """An fp8 QuantLinear run inside ``fp8_activations()``: W8A8 fp8 (``torch._scaled_mm`` on Hopper)."""
+
+    def __init__(self, inner: QuantLinear) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        with fp8_activations():
+            return self.inner(x)
+
+
+def quanta_layer(linear: nn.Linear, scheme: str, calib: Tensor) -> nn.Module:
+    """``linear`` quantized with ``scheme`` (int8-static: static input scale from ``calib``; fp8-a8: fp8
+    weights with fp8 activations)."""
     if scheme == "int8-static":
         return QuantLinear.from_linear(linear, scheme, input_scale=calib.float().abs().amax() / 127)
+    if scheme == "fp8-a8":
+        return Fp8Activations(QuantLinear.from_linear(linear, "fp8"))
     return QuantLinear.from_linear(linear, scheme)
 
 
@@ -114,6 +130,8 @@ class Row:
 
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of the stored weight tensors (codes, scales, ...; bitsandbytes: codes + absmax)."""
+    if isinstance(module, Fp8Activations):
+        module = module.inner
     if isinstance(module, QuantLinear):
         return module.quant_state().nbytes
     if isinstance(module, nn.Linear):
@@ -124,10 +142,16 @@ def weight_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (w, extra, scb) if t is not None)
 
 
-def rel_error(module: QuantLinear, x: Tensor) -> float:
-    """max |module(x) - x @ dequantize(W).T| / max |ref|, the reference in fp32."""
+def rel_error(module: nn.Module, x: Tensor) -> float:
+    """max |module(x) - x @ dequantize(W).T| / max |ref|, the reference in fp32 (fp8-a8: the fp32
+    product of the same fp8 activations, ``functional.fp8_emulated_matmul``)."""
     with torch.no_grad():
         y = module(x).float()
+    if isinstance(module, Fp8Activations):
+        state = module.inner.quant_state()
+        xp = nn.functional.pad(x, (0, state.qdata.shape[1] - x.shape[-1]))
+        ref = functional.fp8_emulated_matmul(*functional.quantize_fp8_groups(xp, state.block_size), state)
+        return ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
     ref_x = x.float()
     if module.input_scale is not None:
         s = module.input_scale.float()
@@ -445,12 +469,18 @@ def write(out: Path | None, meta: dict, rows: list[Row], tokens: list[dict]) -> 
     text = markdown(rows, meta, tokens)
     if out:
         tuned = [{"key": [str(k) for k in key], "config": asdict(cfg)} for key, cfg in matmul.tuned_configs().items()]
+        times = fused.fused_timings()
+        paths = [
+            {"key": [str(k) for k in key], "fused": won, "fused_us": times[key][0], "dequant_us": times[key][1]}
+            for key, won in fused.fused_choices().items()
+        ]
         extra = [{"ratio": r.ratio, "graph_ratio": r.graph_ratio} for r in rows]
         data = {
             **meta,
             "rows": [asdict(r) | e for r, e in zip(rows, extra, strict=True)],
             "tokens": tokens,
             "tuned": tuned,
+            "paths": paths,
         }
         (out / "matmul.json").write_text(json.dumps(data, indent=1))
         (out / "matmul.md").write_text(text)

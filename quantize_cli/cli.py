@@ -260,11 +260,20 @@ def reload(
     dequantize_to: Annotated[
         str | None, typer.Option("--dequantize-to", help="Write the dequantized float model to this new folder.")
     ] = None,
+    fp8_activations: Annotated[
+        bool,
+        typer.Option(
+            "--fp8-activations",
+            help="fp8 weights: round activations to fp8 too (W8A8, dynamic per-128-column scales; "
+            "torch._scaled_mm on Hopper GPUs).",
+        ),
+    ] = False,
 ) -> None:
     """Load a quanta folder into a transformers model with packed quantized Linear modules.
 
     Prints a summary, or with --prompt the greedy continuation (through the chat template if any).
     """
+    from .nn.functional import fp8_activations as fp8_context
     from .reload import dequantize_folder, generate, load_quantized, summarize
     from .schemes.base import parse_dtype
 
@@ -274,7 +283,8 @@ def reload(
         if prompt is None:
             return
     model = load_quantized(path, device=device, dtype=compute, progress=True)
-    typer.echo(generate(model, path, prompt, max_new_tokens) if prompt is not None else summarize(model))
+    with fp8_context(fp8_activations):
+        typer.echo(generate(model, path, prompt, max_new_tokens) if prompt is not None else summarize(model))
 
 
 @app.command()

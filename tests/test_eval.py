@@ -155,7 +155,10 @@ def test_ppl_equals_an_independent_loop_and_prints_json_and_table(story: Path, t
 def test_batched_windows_give_the_same_perplexity(story: Path) -> None:
     one = evaluate(str(smollm2_dir()), ppl=True, data=str(story), seq_len=SEQ, max_samples=3, device="cpu")
     two = evaluate(str(smollm2_dir()), ppl=True, data=str(story), seq_len=SEQ, max_samples=3, batch_size=2)
-    assert two.ppl.windows == 3 and two.ppl.ppl == pytest.approx(one.ppl.ppl, rel=1e-4)
+    # SmolLM2 runs in bf16 (its checkpoint dtype): a batch of two goes through differently blocked GEMMs
+    # whose bf16 outputs round differently (bf16 keeps 8 bits; transformers 5.25 on 2 cores measured
+    # 7e-4 relative). A batching bug (masks, padding, window order) moves perplexity by whole percents.
+    assert two.ppl.windows == 3 and two.ppl.ppl == pytest.approx(one.ppl.ppl, rel=3e-3)
 
 
 def test_kld_of_a_model_against_itself_is_zero(story: Path) -> None:

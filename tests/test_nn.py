@@ -292,3 +292,27 @@ def test_int8_static_int_mm_path_equals_fake_quantized_matmul() -> None:
     xq = torch.round(x.reshape(-1, 64) / s).clamp(-127, 127)
     exact = (xq.double() @ state.qdata.double().T) * s.double() * state.scale.double().reshape(1, -1) + bias.double()
     torch.testing.assert_close(got.reshape(-1, 48).double(), exact, rtol=1e-6, atol=1e-5)
+
+
+def test_fp8_activations_round_inputs_in_groups_of_the_block() -> None:
+    """Inside ``fp8_activations`` an fp8 QuantLinear rounds each row's 128-column groups of its input to
+    E4M3 (scale amax / 448); checked against the same rounding done column group by column group in
+    float64 with torch's own E4M3 cast, times the dequantized weight in float64. Outside, weight-only."""
+    torch.manual_seed(0)
+    linear = nn.Linear(300, 64)  # K = 300: the last group is padded
+    module = QuantLinear.from_linear(linear, "fp8")
+    x = torch.randn(3, 300) * torch.logspace(-2, 1, 300)
+    xp = torch.nn.functional.pad(x, (0, 84)).double()
+    groups = []
+    for g in range(3):
+        part = xp[:, 128 * g : 128 * (g + 1)]
+        s = part.abs().amax(dim=1, keepdim=True).float().double() / 448  # amax / 448 in fp32, as the op
+        s = s.float().double()
+        groups.append((part / s).float().to(torch.float8_e4m3fn).double() * s)
+    want = torch.cat(groups, 1)[:, :300] @ module.dequantize_weight().double().T + linear.bias.detach().double()
+    with functional.fp8_activations():
+        got = module(x)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    plain = module(x)  # the context is over: weight-only again
+    torch.testing.assert_close(plain, functional.dequantize_linear(x, module.quant_state(), module.bias))
+    assert (got - plain).abs().max() > 1e-3  # the activation rounding is visible

@@ -73,6 +73,18 @@ def test_explicit_tilings(scheme: str, opts: dict, config: matmul.GemvConfig, m:
     assert_within_bound(y.reshape(-1, N), x.reshape(-1, K), dequantize(state), b, rounded_weight=config.dot)
 
 
+@pytest.mark.parametrize(("scheme", "opts"), [FUSED[0], FUSED[5]], ids=["nf4", "int4-asym"])
+def test_gemm_tiling_many_rows(scheme: str, opts: dict) -> None:
+    """The fused GEMM tiling of large batches (64 input rows per program on the tensor cores): 70 rows
+    are two programs along M, the second cut at 70."""
+    state = quantize(_weight(), scheme, block_size=32, **opts)
+    config = matmul.GemvConfig(16, 1, dot=True, block_m=64)
+    assert config.rows_per_program(70) == 64 and matmul.candidates(70, N, 224, 4, 32)[0].rows_per_program(70) >= 64
+    b = torch.randn(N, device=DEVICE)
+    x = torch.randn(70, K, device=DEVICE, dtype=torch.float16)
+    assert_within_bound(fused.gemv_linear(x, state, b, config), x, dequantize(state), b, rounded_weight=True)
+
+
 @pytest.mark.parametrize(("scheme", "block"), [("nf4", 48), ("int8", 80), ("nf8", 16), ("int4", 256)])
 def test_block_sizes(scheme: str, block: int) -> None:
     """Blocks that are not powers of two (sub-tiles of their power-of-two factor) and one wider than K."""
@@ -91,7 +103,9 @@ def test_unsupported_block_falls_back_to_dequantize() -> None:
 
 @pytest.mark.parametrize(("scheme", "limit"), [("int4", "FUSED_MAX_ROWS"), ("nf4", "FUSED_MAX_ROWS")])
 def test_batch_rule(scheme: str, limit: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Up to the scheme's row limit (all leading dims together) the GEMV, more rows dequantize + F.linear."""
+    """Where nothing is timed (the interpreter; on a GPU forced here): up to the scheme's row limit (all
+    leading dims together) the GEMV, more rows dequantize + F.linear."""
+    monkeypatch.setattr(matmul, "can_time", lambda x: False)
     state = quantize(_weight(), scheme)
     rows = getattr(fused, limit)
     assert fused.max_rows(state) == rows

@@ -1,6 +1,6 @@
 """Quantized modules: ``QuantLinear`` (any weight-only scheme) and the drop-ins ``Linear4bit``, ``Linear8bitLt``."""
 
-from .functional import dequantize_linear, fake_quantize_input, quant_linear, register_quant_linear
+from .functional import dequantize_linear, fake_quantize_input, fp8_activations, quant_linear, register_quant_linear
 from .modules import Linear4bit, Linear8bitLt, QuantLinear
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "QuantLinear",
     "dequantize_linear",
     "fake_quantize_input",
+    "fp8_activations",
     "quant_linear",
     "register_quant_linear",
 ]

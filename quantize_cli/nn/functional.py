@@ -7,13 +7,15 @@ dequant-GEMV, ``torch._int_mm`` for int8, ...) plugs in with :func:`register_qua
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from ..api import dequantize
+from ..kernels.ops import resolve
 from ..schemes import QuantState, get_scheme
 
 Tensor = torch.Tensor
@@ -63,11 +65,104 @@ def dequantize_linear(
 
 def quant_linear(x: Tensor, state: QuantState, bias: Tensor | None = None, input_scale: Tensor | None = None) -> Tensor:
     """``x @ dequantize(state).T + bias`` in ``x.dtype`` (x int8-quantized first when ``input_scale`` is
-    given), by a registered kernel where there is one."""
+    given), by a registered kernel where there is one; fp8 weights inside :func:`fp8_activations` take
+    :func:`fp8_activation_linear` (activations rounded to fp8 too)."""
     if x.device.type not in _LOADED:
         load_device_kernels(x.device.type)
+    if _FP8_ACTIVATIONS[0] and state.scheme == "fp8" and input_scale is None:
+        return fp8_activation_linear(x, state, bias)
     fn = _OVERRIDES.get((x.device.type, state.scheme), dequantize_linear)
     return fn(x, state, bias, input_scale)
+
+
+# ---- W8A8 fp8 (opt-in) --------------------------------------------------------------------------------------
+
+F8_MAX = 448.0
+FP8_MM_BLOCK = 128  # the 1x128 blockwise recipe of torch._scaled_mm (cuBLASLt, Hopper, CUDA >= 12.9)
+_FP8_ACTIVATIONS = [False]
+_SCALED_MM_FAILED: set[torch.device] = set()  # devices whose torch._scaled_mm refused the blockwise recipe
+
+
+@contextmanager
+def fp8_activations(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, fp8 weights also round their inputs to fp8 (W8A8, dynamic scales): each group of
+    ``block_size`` input columns of each row gets scale amax / 448, and on a Hopper GPU the product runs
+    in fp8 on the tensor cores through ``torch._scaled_mm`` (its 1x128 x 1x128 blockwise recipe, block 128,
+    fp16/bf16 inputs); elsewhere the same rounding is emulated in fp32. Outside it fp8 stays weight-only."""
+    before = _FP8_ACTIVATIONS[0]
+    _FP8_ACTIVATIONS[0] = enabled
+    try:
+        yield
+    finally:
+        _FP8_ACTIVATIONS[0] = before
+
+
+def quantize_fp8_groups(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """(M, K) with K a multiple of ``group`` -> (float8_e4m3fn codes (M, K), fp32 scales (M, K // group)):
+    the fp8 scheme's own quantizer on the activations (``x / s`` rounded to E4M3, ``s = amax / 448`` per
+    group of ``group`` columns; 0 for an all-zero group), its Triton kernel on CUDA."""
+    return resolve("quantize_fp8", "auto", x.device)(x, group)
+
+
+def fp8_activation_linear(x: Tensor, state: QuantState, bias: Tensor | None = None) -> Tensor:
+    """W8A8 fp8: ``x`` rounded by :func:`quantize_fp8_groups` in groups of the weight's block, times the fp8
+    weight, fp32 accumulation, ``(+ bias)``; returned in ``x.dtype``. ``torch._scaled_mm`` where the device
+    takes the blockwise recipe (:func:`scaled_mm_fits`), else the same numbers through an fp32 matmul
+    (:func:`fp8_emulated_matmul`)."""
+    k = x.shape[-1]
+    kp = state.qdata.shape[1]
+    x2 = x.reshape(-1, k)
+    if kp != k:
+        x2 = F.pad(x2, (0, kp - k))  # the weight's padding columns are zero codes
+    xq, sx = quantize_fp8_groups(x2, state.block_size)
+    y = None
+    if scaled_mm_fits(x, state):
+        try:
+            y = _scaled_mm_blockwise(xq, sx, state)
+        except RuntimeError:  # this torch / cuBLASLt / GPU does not take the recipe after all
+            _SCALED_MM_FAILED.add(x.device)
+    if y is None:
+        y = fp8_emulated_matmul(xq, sx, state)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def scaled_mm_fits(x: Tensor, state: QuantState) -> bool:
+    """Whether ``torch._scaled_mm``'s 1x128 blockwise recipe can take this call: CUDA, compute capability
+    9.x (the recipe is Hopper's), fp16/bf16 input, block 128, out_features a multiple of 16."""
+    return (
+        x.is_cuda
+        and x.device not in _SCALED_MM_FAILED
+        and torch.cuda.get_device_capability(x.device)[0] == 9
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and state.block_size == FP8_MM_BLOCK
+        and state.qdata.shape[0] % 16 == 0
+    )
+
+
+def _scaled_mm_blockwise(xq: Tensor, sx: Tensor, state: QuantState) -> Tensor:
+    """fp32 (M, N) from cuBLASLt's fp8 GEMM with 1x128 scales on both operands (rows padded to 16)."""
+    rows = xq.shape[0]
+    pad = -rows % 16
+    if pad:
+        xq = F.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(torch.float8_e4m3fn)
+        sx = F.pad(sx, (0, 0, 0, pad), value=1.0)
+    scale_a = sx.t().contiguous().t()  # (M, K / 128), M-major as the recipe wants
+    scale_b = state.scale.float().t().contiguous()  # (K / 128, N) for the (K, N) column-major operand
+    y = torch._scaled_mm(xq, state.qdata.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
+    return y[:rows]
+
+
+def fp8_emulated_matmul(xq: Tensor, sx: Tensor, state: QuantState) -> Tensor:
+    """The fp8 x fp8 product in fp32 (exact operands, fp32 accumulation): the reference the GPU path
+    is tested against, and the path everywhere else."""
+    m, kp = xq.shape
+    group = kp // sx.shape[1]
+    xd = (xq.float().reshape(m, -1, group) * sx.unsqueeze(-1)).reshape(m, kp)
+    n = state.qdata.shape[0]
+    w = (state.qdata.float().reshape(n, -1, group) * state.scale.float().unsqueeze(-1)).reshape(n, kp)
+    return xd @ w.t()
 
 
 # Device types whose kernel modules were imported (or found missing): looked up once per device type.

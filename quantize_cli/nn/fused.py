@@ -1,6 +1,6 @@
 """The CUDA paths of :func:`quantize_cli.nn.functional.quant_linear`, registered on import.
 
-| scheme | fused (``kernels.triton.matmul``) up to ``FUSED_MAX_ROWS`` rows | more rows |
+| scheme | fused kernel (``kernels.triton.matmul``) | or |
 |---|---|---|
 | int4 (both), int8 | ``code - zero`` decoded in registers | Triton dequantize + cuBLAS |
 | nf4, fp4, nf8 | codebook lookup (the 16 / 256 values staged in shared memory) | Triton dequantize + cuBLAS |
@@ -8,13 +8,15 @@
 | nvfp4, mxfp4 | - | Triton dequantize + cuBLAS at every batch |
 | int8-static | - | ``torch._int_mm`` (``functional.int8_static_linear``) |
 
-The limit is measured on an H100 (``benchmarks/matmul.py --sweep --crossover``, benchmarks/results.md):
-for every fused scheme and 1, 2, 4 or 16 rows of both benchmark shapes the GEMV (its timed tiling:
-fp32 FMAs, or ``tl.dot`` on the tensor cores for several rows) beats one dequantize pass plus cuBLAS;
-above 16 rows the latter wins. fp8 weights keep their per-block
-fp32 scales, which ``torch._scaled_mm`` cannot take, so fp8 runs weight-only like the others: no
-activation is rounded to fp8. Blocks whose power-of-two factor is below ``matmul.MIN_SUB``, inputs that
-need a gradient and float64 inputs take dequantize + ``F.linear``.
+The fused kernel is a GEMV for up to 16 input rows (fp32 FMAs, or ``tl.dot`` for several rows) and a
+GEMM on the tensor cores (64 or 128 rows per program) for more. Which path a call takes is measured, not
+assumed: the first call of each (weight, row count rounded up to a power of two) times both in CUDA
+graphs and keeps the faster (:func:`fused_wins`); where nothing can be timed (the interpreter, inside
+a graph capture) the GEMV takes up to ``FUSED_MAX_ROWS`` rows, the limit the H100 crossover measured
+(``benchmarks/matmul.py --sweep --crossover``, benchmarks/results.md). fp8 weights run weight-only here;
+inside ``functional.fp8_activations()`` they round their inputs to fp8 as well and multiply through
+``torch._scaled_mm`` (``functional.fp8_activation_linear``). Blocks whose power-of-two factor is below
+``matmul.MIN_SUB``, inputs that need a gradient and float64 inputs take dequantize + ``F.linear``.
 
 Importing this module imports Triton (ImportError without it); ``quant_linear`` does so on its first
 CUDA call. :func:`gemv_linear` runs the kernel on any device Triton runs on (the CPU under
@@ -36,7 +38,7 @@ Tensor = torch.Tensor
 
 FUSED_SCHEMES = ("nf4", "fp4", "nf8", "int4", "int8", "fp8")
 DEQUANTIZE_SCHEMES = ("nvfp4", "mxfp4")
-FUSED_MAX_ROWS = 16  # GEMV up to this many input rows (benchmarks/matmul.py --sweep --crossover)
+FUSED_MAX_ROWS = 16  # untimed default: the GEMV up to this many rows (benchmarks/matmul.py --sweep --crossover)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -89,19 +91,55 @@ def gemv_linear(
     return y.reshape(*x.shape[:-1], out_features)
 
 
+# (scheme, shape, block, zero point, rows rounded up to a power of two, dtype, device) -> the fused kernel won.
+_FUSED_WINS: dict[tuple, bool] = {}
+_FUSED_TIMES: dict[tuple, tuple[float, float]] = {}  # same keys -> (fused µs, dequantize + cuBLAS µs)
+
+
+def fused_wins(x: Tensor, state: QuantState, bias: Tensor | None) -> bool:
+    """Whether the fused kernel (:func:`gemv_linear`: the GEMV for a few rows, the tensor-core GEMM for
+    many) is the faster path for this weight and row count, rounded up to a power of two. On a GPU the
+    first call of each times both paths in CUDA graphs (``matmul.device_us``; the fused kernel with its
+    own tuned tiling) and keeps the answer, so neither path is taken where the other is faster. Where
+    nothing can be timed (the interpreter, inside a graph capture) the rule is the measured default:
+    the fused kernel up to ``max_rows`` rows."""
+    rows = x.numel() // x.shape[-1]
+    bucket = 1 << max(0, rows - 1).bit_length()
+    key = (state.scheme, tuple(state.shape), state.block_size, state.zero_point is not None, bucket, x.dtype, x.device)
+    won = _FUSED_WINS.get(key)
+    if won is None:
+        if not matmul.can_time(x):
+            return rows <= max_rows(state)
+        fused = matmul.device_us(lambda: gemv_linear(x, state, bias), x.device)
+        deq = matmul.device_us(lambda: dequantize_linear(x, state, bias), x.device)
+        _FUSED_TIMES[key] = (fused, deq)
+        won = _FUSED_WINS[key] = fused <= deq
+    return won
+
+
+def fused_choices() -> dict[tuple, bool]:
+    """The timed path choices so far (a copy), keyed as ``fused_wins`` keys them."""
+    return dict(_FUSED_WINS)
+
+
+def fused_timings() -> dict[tuple, tuple[float, float]]:
+    """(fused kernel µs, dequantize + cuBLAS µs) behind each timed choice (a copy)."""
+    return dict(_FUSED_TIMES)
+
+
 def fused_linear(x: Tensor, state: QuantState, bias: Tensor | None = None, input_scale: Tensor | None = None) -> Tensor:
-    """``quant_linear`` on CUDA: :func:`gemv_linear` for up to ``FUSED_MAX_ROWS`` rows of a fusable
-    call, else :func:`dequantize_linear` (Triton dequantize + cuBLAS)."""
+    """``quant_linear`` on CUDA: :func:`gemv_linear` where it is the faster path (:func:`fused_wins`),
+    else :func:`dequantize_linear` (Triton dequantize + cuBLAS)."""
     if input_scale is not None:
         x = fake_quantize_input(x, input_scale)
-    rows = x.numel() // max(1, x.shape[-1])
-    if not fusable(x, state) or rows > max_rows(state):
-        return dequantize_linear(x, state, bias)
-    return gemv_linear(x, state, bias)
+    if fusable(x, state) and fused_wins(x, state, bias):
+        return gemv_linear(x, state, bias)
+    return dequantize_linear(x, state, bias)
 
 
 def max_rows(state: QuantState) -> int:
-    """The most input rows that go through the GEMV for this weight (see the module docstring)."""
+    """The most input rows that go through the GEMV for this weight where no path is timed (see the
+    module docstring)."""
     return FUSED_MAX_ROWS
 
 

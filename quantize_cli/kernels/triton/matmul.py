@@ -1,4 +1,5 @@
-"""Fused dequantize-matmul for small batches: ``y = x @ W.T (+ bias)`` with ``W`` still packed.
+"""Fused dequantize-matmul: ``y = x @ W.T (+ bias)`` with ``W`` still packed (a GEMV for a few input
+rows, a GEMM on the tensor cores for many).
 
 ``W`` is (N, KP) codes, KP = in_features padded to whole blocks: 4-bit codes two per byte (first element
 in the high nibble), (N, KP // 2) uint8, or 8-bit codes (N, KP) int8/uint8; ``scale`` is (N, KP // block)
@@ -15,7 +16,8 @@ the float 2**23 + code, and one exact subtraction removes 2**23, the offset and 
 - ``DOT=False`` (up to 16 input rows per program): fp32 FMAs on the CUDA cores. The decoded tile is
   reused for every row; each row's products are summed per sub-tile, then scaled:
   ``y[m, n] += s[n, g] * sum_j w[n, g, j] * x[m, g, j]``.
-- ``DOT=True`` (16 rows per program, tensor cores): the decoded, scaled weight is cast to the input dtype
+- ``DOT=True`` (``BM`` rows per program, tensor cores: 16 for a GEMV, 64 or 128 for the GEMM of larger
+  batches, where one decoded tile serves that many rows): the decoded, scaled weight is cast to the input dtype
   (as ``dequantize(..., dtype=x.dtype)`` rounds it) and multiplied with ``tl.dot`` accumulating in fp32;
   fp32 inputs take the IEEE (not TF32) product. 4-bit codes need no interleaving: the high nibbles meet
   the even input columns and the low nibbles the odd ones, in two products.
@@ -23,9 +25,9 @@ the float 2**23 + code, and one exact subtraction removes 2**23, the offset and 
 Split-K (``split_k > 1``) gives each program a slice of K and adds its partial sums into an fp32
 buffer with atomics; the bias and the cast follow in PyTorch.
 
-The tiling: on a GPU, the first call of each (batch bucket, shape, format) times a few candidates
-(``candidates``) with ``triton.testing.do_bench`` and keeps the fastest (``tuned_configs``); elsewhere
-(the interpreter, CUDA-graph capture) the first candidate is used.
+The tiling: on a GPU, the first call of each (row count rounded up to a power of two, shape, format)
+times a few candidates (``candidates``) in CUDA graphs (``device_us``) and keeps the fastest
+(``tuned_configs``); elsewhere (the interpreter, CUDA-graph capture) the first candidate is used.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ from functools import lru_cache
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
 from ..ops import triton_interpreted
+from ..timing import capture, replay_ms
 from .common import gather, out_code, store_out
 
 Tensor = torch.Tensor
@@ -60,6 +62,13 @@ class GemvConfig:
     split_k: int = 1
     dot: bool = False
     num_warps: int = 4
+    block_m: int = 0  # input rows per program on the tensor-core path (0: ``DOT_ROWS``)
+
+    def rows_per_program(self, m: int) -> int:
+        """Input rows each program takes for an ``m``-row input."""
+        if self.dot:
+            return self.block_m or DOT_ROWS
+        return min(FMA_ROWS, triton.next_power_of_2(m))
 
 
 def sub_tile(block_size: int) -> int:
@@ -77,23 +86,27 @@ def candidates(m: int, n: int, kp: int, bits: int, block_size: int, sms: int = 1
     first is the default where nothing is timed. Each is (rows per program, code bytes of one row per
     loop step, warps); split-K is added until there are about four programs per multiprocessor. Several
     rows: the FMA path and the tensor-core path (table codes too: their table is read from shared memory,
-    ``common.gather``)."""
+    ``common.gather``); more than ``FMA_ROWS`` rows: the tensor-core path with 64 or 128 rows per program."""
     sub = sub_tile(block_size)
     row_bytes = sub // 2 if bits == 4 else sub
 
-    def make(block_n: int, step_bytes: int, warps: int, dot: bool = False, split: bool = True) -> GemvConfig:
+    def make(block_n: int, step_bytes: int, warps: int, dot: bool = False, block_m: int = 0) -> GemvConfig:
         g = max(1, step_bytes // row_bytes)
-        rows = DOT_ROWS if dot else min(FMA_ROWS, triton.next_power_of_2(m))
-        programs = triton.cdiv(n, block_n) * triton.cdiv(m, rows)
+        cfg = GemvConfig(block_n, g, 1, dot, warps, block_m)
+        programs = triton.cdiv(n, block_n) * triton.cdiv(m, cfg.rows_per_program(m))
         steps = triton.cdiv(kp, g * sub)
         split_k = 1
-        while split and programs * split_k < 4 * sms and steps >= 4 * split_k:
+        while programs * split_k < 4 * sms and steps >= 4 * split_k:
             split_k *= 2
-        return GemvConfig(block_n, g, split_k, dot, warps)
+        return GemvConfig(block_n, g, split_k, dot, warps, block_m)
 
     if m == 1:
         return [make(32, 128, 4), make(16, 128, 4), make(64, 64, 4), make(16, 256, 8)]
-    return [make(16, 128, 4), make(32, 64, 4), make(32, 128, 4, dot=True), make(64, 64, 4, dot=True)]
+    if m <= FMA_ROWS:
+        return [make(16, 128, 4), make(32, 64, 4), make(32, 128, 4, dot=True), make(64, 64, 4, dot=True)]
+    # a fused dequant-GEMM: wide tiles on the tensor cores, each decoded weight tile serving 64-128 rows
+    return [make(128, 64, 8, dot=True, block_m=128), make(64, 64, 4, dot=True, block_m=64),
+            make(128, 32, 8, dot=True, block_m=64)]  # fmt: skip
 
 
 @triton.jit
@@ -235,7 +248,7 @@ def _gemv_kernel(
         store_out(y_ptr, out_offs, out_mask, acc, OUT)
 
 
-# (batch bucket, n, kp, bits, block, lut, zero point, signed, dtype, device) -> the fastest candidate.
+# (rows rounded up to a power of two, n, kp, bits, block, lut, zero point, signed, dtype, device) -> the fastest.
 _TUNED: dict[tuple, GemvConfig] = {}
 
 
@@ -249,17 +262,42 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _can_time(x: Tensor) -> bool:
+def can_time(x: Tensor) -> bool:
+    """Whether kernels on ``x``'s device can be timed now: CUDA, compiled, not inside a graph capture."""
     return x.is_cuda and not triton_interpreted() and not torch.cuda.is_current_stream_capturing()
 
 
-def _fastest(cands: list[GemvConfig], launch: Callable[[GemvConfig], Tensor]) -> GemvConfig:
-    """The candidate with the lowest median time (do_bench: L2 flushed before each call)."""
+FLUSH_BYTES = 64 << 20  # more than an H100's or H200's L2 cache (50 / 60 MB)
+
+
+def device_us(fn: Callable[[], object], device: torch.device, reps: int = 8, replays: int = 5) -> float:
+    """Median device µs of one ``fn()`` reading its operands from HBM: CUDA graphs of ``reps`` rounds of
+    (overwrite a buffer larger than the L2 cache, ``fn()``), less the same graph without ``fn``. Graphs
+    leave out the host's Python and launch costs, which would otherwise decide between small kernels
+    (a split-K launch sequence costs more host time than device time)."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+    fn()  # compile and allocate outside the capture
+    torch.cuda.synchronize(device)
+
+    def rounds(with_fn: bool) -> Callable[[], None]:
+        def body() -> None:
+            for _ in range(reps):
+                flush.fill_(1)
+                if with_fn:
+                    fn()
+
+        return body
+
+    with_fn, without = replay_ms(capture(rounds(True)), replays), replay_ms(capture(rounds(False)), replays)
+    return max(0.0, 1e3 * (with_fn - without) / reps)
+
+
+def _fastest(cands: list[GemvConfig], launch: Callable[[GemvConfig], Tensor], device: torch.device) -> GemvConfig:
+    """The candidate with the lowest device time (``device_us``)."""
     times = {}
     for cfg in cands:
         try:
-            launch(cfg)  # compile outside the timing
-            times[cfg] = triton.testing.do_bench(lambda c=cfg: launch(c), warmup=5, rep=20, return_mode="median")
+            times[cfg] = device_us(lambda c=cfg: launch(c), device)
         except Exception:  # noqa: BLE001 - a tiling this GPU cannot run (resources) is skipped
             continue
     if not times:
@@ -306,14 +344,14 @@ def quant_matmul(
 
     if config is not None:
         return launch(config)
-    bucket = min(FMA_ROWS, triton.next_power_of_2(m))
+    bucket = triton.next_power_of_2(m)
     key = (bucket, n, kp, bits, block_size, lut is not None, zero_point is not None, signed, x.dtype, x.device)
     best = _TUNED.get(key)
     if best is None:
         cands = candidates(m, n, kp, bits, block_size, _multiprocessors(x.device))
-        if not _can_time(x):  # the interpreter, or inside a CUDA-graph capture: no timing
+        if not can_time(x):  # the interpreter, or inside a CUDA-graph capture: no timing
             return launch(cands[0])
-        best = _TUNED[key] = _fastest(cands, launch)
+        best = _TUNED[key] = _fastest(cands, launch, x.device)
     return launch(best)
 
 
@@ -324,7 +362,7 @@ def _launch(x: Tensor, packed: tuple, bias: Tensor | None, cfg: GemvConfig) -> T
     n, qrow = codes.shape
     kp = qrow * (2 if bits == 4 else 1)
     sub = sub_tile(block_size)
-    bm = DOT_ROWS if cfg.dot else min(FMA_ROWS, triton.next_power_of_2(m))
+    bm = cfg.rows_per_program(m)
     n_steps = triton.cdiv(kp, cfg.sub_tiles * sub)
     per_split = triton.cdiv(n_steps, cfg.split_k)
     split = triton.cdiv(n_steps, per_split)
