@@ -491,3 +491,25 @@ def test_hessian_method_folder_reloads(tmp_path_factory: pytest.TempPathFactory)
     # The searched scales differ from plain NVFP4's somewhere (the method did something).
     plain = quantize(_stored(source, name).float(), "nvfp4")
     assert not torch.equal(plain.scale.view(torch.uint8), stored["scale"].view(torch.uint8))
+
+
+def test_fp8_activations_on_a_reloaded_model(
+    tmp_path_factory: pytest.TempPathFactory, minilm_inputs: dict[str, torch.Tensor]
+) -> None:
+    """An fp8 MiniLM folder: ``quanta reload --fp8-activations`` is accepted, and inside
+    ``fp8_activations()`` the reloaded model's hidden states move against weight-only fp8 by the order of
+    E4M3's rounding of the activations (at most 2**-4 relative per element; 5.1 % measured after six
+    layers), and no more than twice that."""
+    from quantize_cli.nn import fp8_activations
+
+    folder = _converted(tmp_path_factory, minilm_dir(), scheme="fp8")
+    result = runner.invoke(app, ["reload", str(folder), "--device", "cpu", "--fp8-activations"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "QuantLinear" in result.output
+    model = load_quantized(folder)
+    plain = _hidden(model, minilm_inputs)[0]
+    with fp8_activations():
+        rounded = _hidden(model, minilm_inputs)[0]
+    moved = ((rounded - plain).norm() / plain.norm()).item()
+    assert 1e-3 < moved < 2 * 2.0**-4, moved
+    torch.testing.assert_close(_hidden(model, minilm_inputs)[0], plain)  # weight-only again after the block
