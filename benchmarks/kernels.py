@@ -22,6 +22,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -452,7 +453,9 @@ def plots(res: dict, out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for json, md and png")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for json, md and png (default: benchmarks/; --smoke: none)"
+    )
     parser.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition time per measurement")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     parser.add_argument("--sweep", action="store_true", help="only sweep tile sizes and warps (GPU)")
@@ -464,6 +467,9 @@ def main() -> None:
     )
     parser.add_argument("--merge", type=Path, help="a kernels.json whose rows this run replaces or extends")
     args = parser.parse_args()
+    if args.out is None and args.smoke:  # a CPU check of the script must not overwrite the GPU results
+        args.out = Path(tempfile.mkdtemp(prefix="quanta-kernels-smoke-"))
+    args.out = args.out or Path("benchmarks")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         (args.out / "sweep.json").write_text(json.dumps(sweep(args), indent=1))
