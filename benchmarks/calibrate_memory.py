@@ -38,7 +38,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--hessian", action="store_true", help="also collect X^T X (off: ranges only)")
-    p.add_argument("--smooth", default="off", help="quanta calibrate --smooth (off: the configuration in results.md)")
+    p.add_argument("--smooth", default="auto", help="quanta calibrate --smooth (auto: calibrate's default)")
     p.add_argument("--timeout", type=float, default=3000)
     p.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
@@ -75,7 +75,7 @@ def main() -> int:
     rss, wall, code = measure(cmd, args.timeout)
     size = out.stat().st_size / 1e9 if out.is_file() else float("nan")
     print(f"quanta calibrate ({args.layers} layers, {args.samples} x {args.seq_len}, hessian={args.hessian}, "
-          f"smooth={args.smooth}): peak RSS {rss:.2f} GB, "
+          f"smooth={args.smooth}): peak RSS {rss:.2f} GiB, "
           f"{wall:.0f} s, exit {code}, statistics {size:.2f} GB")  # fmt: skip
     return code
 

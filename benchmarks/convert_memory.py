@@ -144,7 +144,7 @@ def same_tensors(work: Path) -> bool:
 
 
 def measure(cmd: list[str], timeout: float) -> tuple[float, float, int]:
-    """(peak RSS in GB, wall seconds, exit code) of ``cmd`` run as a child process."""
+    """(peak RSS in GiB, wall seconds, exit code) of ``cmd`` run as a child process."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = start + timeout
@@ -190,7 +190,7 @@ def main() -> None:
                          "--device", "cpu", "--out", str(work / "streamed-nf4")],
             "whole": [sys.executable, __file__, "--whole-model-child", str(ckpt), str(work / "whole-nf4")],
         }  # fmt: skip
-        print("| route | peak RSS (GB) | wall (s) | exit |")
+        print("| route | peak RSS (GiB) | wall (s) | exit |")
         print("|---|---|---|---|")
         for name in args.routes.split(","):
             shutil.rmtree(work / f"{name}-nf4", ignore_errors=True)
