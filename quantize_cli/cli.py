@@ -273,11 +273,14 @@ def reload(
 
     Prints a summary, or with --prompt the greedy continuation (through the chat template if any).
     """
+    from .format import read_map
     from .nn.functional import fp8_activations as fp8_context
     from .reload import dequantize_folder, generate, load_quantized, summarize
     from .schemes.base import parse_dtype
 
     compute = None if dtype == "auto" else parse_dtype(dtype)
+    if fp8_activations and not any(e["scheme"] == "fp8" for e in read_map(path)["tensors"].values()):
+        raise QuantaError(f"--fp8-activations: {path} has no fp8 weights (it applies to fp8 only)")
     if dequantize_to is not None:
         console.print(f"wrote {dequantize_folder(path, dequantize_to, progress=True)}", highlight=False)
         if prompt is None:

@@ -506,6 +506,8 @@ def test_fp8_activations_on_a_reloaded_model(
     result = runner.invoke(app, ["reload", str(folder), "--device", "cpu", "--fp8-activations"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "QuantLinear" in result.output
+    nf4 = _converted(tmp_path_factory, minilm_dir(), scheme="nf4")
+    assert "has no fp8 weights" in _cli_error(str(nf4), "--fp8-activations")
     model = load_quantized(folder)
     plain = _hidden(model, minilm_inputs)[0]
     with fp8_activations():
