@@ -40,8 +40,8 @@ from quantize_cli.nn import functional, fused
 from quantize_cli.nn.functional import fp8_activations
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import bench_us  # noqa: E402 - the sibling benchmark's timers
-from kernels import graph_us as kernel_graph_us  # noqa: E402
+from quant_kernels import bench_us  # noqa: E402 - the sibling benchmark's timers
+from quant_kernels import graph_us as kernel_graph_us  # noqa: E402
 
 Tensor = torch.Tensor
 SHAPES = [(4096, 11008), (11008, 4096)]  # (out_features, in_features)
@@ -163,7 +163,7 @@ def rel_error(module: nn.Module, x: Tensor) -> float:
 def graph_us(calls: list[Callable[[], object]], reps: int = 3, replays: int = 10) -> float:
     """Median device µs per call from CUDA-graph replays of ``reps`` rounds over ``calls`` (one per copy
     of a layer; the copies together exceed the L2 cache, so each call reads its weight from HBM): the
-    graph drops host costs (Python, launch) and leaves only the kernels' time (``kernels.graph_us``)."""
+    graph drops host costs (Python, launch) and leaves only the kernels' time (``quant_kernels.graph_us``)."""
     return kernel_graph_us(lambda i: calls[i](), len(calls), reps, replays)
 
 

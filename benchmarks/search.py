@@ -1,11 +1,11 @@
 """Scale-search benchmark: NVFP4/MXFP4 SSE and Hessian searches against plain quantize (DESIGN §5: a
 searched NVFP4 scale within 3x of plain NVFP4).
 
-Times (CUDA-graph replays, as ``kernels.py``) on fp16 weights of the kernel benchmark's shapes:
-plain quantize (NVFP4 with its per-tensor amax pass, as the "nvfp4" row of ``kernels.py``), the SSE
+Times (CUDA-graph replays, as ``quant_kernels.py``) on fp16 weights of the kernel benchmark's shapes:
+plain quantize (NVFP4 with its per-tensor amax pass, as the "nvfp4" row of ``quant_kernels.py``), the SSE
 search and the Hessian search (Hessian diagonal blocks given, as the pipeline passes them), each also
-without NVFP4's amax pass; ``--sweep`` adds rows-per-program x warps and the Hessian dot precision on
-the first shape. Writes ``search.json`` and ``search.md`` into ``--out``.
+without NVFP4's amax pass; ``--sweep`` adds rows-per-program x warps of both kernels on the first
+shape. Writes ``search.json`` and ``search.md`` into ``--out``.
 
     python benchmarks/search.py --out /tmp/bench            # on a CUDA GPU
     python benchmarks/search.py --out /tmp/bench --sweep
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from kernels import SHAPES, graph_us  # benchmarks/kernels.py
+from quant_kernels import SHAPES, graph_us  # benchmarks/quant_kernels.py
 
 from quantize_cli.kernels import ops
 from quantize_cli.kernels.triton import search
@@ -69,16 +69,19 @@ def measure(shape: tuple[int, int], only: set[str] | None = None) -> list[dict]:
 
 
 def sweep(shape: tuple[int, int]) -> list[dict]:
-    """Rows per program x warps (all searches) and the Hessian dot precision, on one shape."""
+    """Rows per program x warps of the SSE and the Hessian kernels, on one shape."""
     out = []
-    defaults = (search.SEARCH_ROWS, search.SEARCH_WARPS, search.HESSIAN_PRECISION)
-    picks = {"nvfp4 sse (gs given)", "nvfp4 hessian (gs given)", "mxfp4 sse", "mxfp4 hessian"}
-    for rows, warps, precision in [(256, 4, "tf32x3"), (256, 8, "tf32x3"), (64, 2, "tf32x3"), (128, 4, "ieee")]:
-        search.SEARCH_ROWS, search.SEARCH_WARPS, search.HESSIAN_PRECISION = rows, warps, precision
-        print(f"rows {rows} warps {warps} {precision}", flush=True)
-        only = picks if precision == "tf32x3" else {"nvfp4 hessian (gs given)", "mxfp4 hessian"}
-        out += [r | {"rows": rows, "warps": warps, "precision": precision} for r in measure(shape, only)]
-    search.SEARCH_ROWS, search.SEARCH_WARPS, search.HESSIAN_PRECISION = defaults
+    defaults = (search.SEARCH_ROWS, search.SEARCH_WARPS, search.HESSIAN_ROWS, search.HESSIAN_WARPS)
+    sse = {"nvfp4 sse (gs given)", "mxfp4 sse"}
+    hess = {"nvfp4 hessian (gs given)", "mxfp4 hessian"}
+    for kernel, rows, warps in [("sse", 256, 4), ("sse", 256, 8), ("sse", 64, 2), ("hessian", 128, 8)]:
+        if kernel == "sse":
+            search.SEARCH_ROWS, search.SEARCH_WARPS = rows, warps
+        else:
+            search.HESSIAN_ROWS, search.HESSIAN_WARPS = rows, warps
+        print(f"{kernel}: rows {rows} warps {warps}", flush=True)
+        out += [r | {"rows": rows, "warps": warps} for r in measure(shape, sse if kernel == "sse" else hess)]
+        search.SEARCH_ROWS, search.SEARCH_WARPS, search.HESSIAN_ROWS, search.HESSIAN_WARPS = defaults
     return out
 
 
@@ -106,18 +109,18 @@ def markdown(res: dict) -> str:
                 f" | {alone_s} |"
             )
     if res.get("sweep"):
-        out += ["", "Sweep (first shape): rows per program x warps, Hessian dot precision.", ""]
-        out += ["| rows | warps | precision | case | µs |", "|---|---|---|---|---|"]
+        out += ["", "Sweep (first shape): rows per program x warps.", ""]
+        out += ["| rows | warps | case | µs |", "|---|---|---|---|"]
         for r in res["sweep"]:
             case = f"{r['format']} {r['variant']}"
-            out.append(f"| {r['rows']} | {r['warps']} | {r['precision']} | {case} | {r['us']:.1f} |")
+            out.append(f"| {r['rows']} | {r['warps']} | {case} | {r['us']:.1f} |")
     return "\n".join(out) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for search.json and .md")
-    parser.add_argument("--sweep", action="store_true", help="also sweep tiling and the Hessian dot precision")
+    parser.add_argument("--sweep", action="store_true", help="also sweep rows per program and warps")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [r for shape in SHAPES for r in measure(shape)]

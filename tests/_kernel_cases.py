@@ -40,3 +40,32 @@ def block_errors(x: torch.Tensor, state, hessian: torch.Tensor) -> torch.Tensor:
     dq = torch.nn.functional.pad(dq, (0, xb.shape[1] * xb.shape[2] - dq.shape[1])).reshape(xb.shape)
     h = torch.nn.functional.pad(hessian.float(), (0, xb.shape[1] * xb.shape[2] - hessian.shape[0]) * 2)
     return scale_search.block_error(xb, dq, scale_search.hessian_blocks(h, state.block_size))
+
+
+def block_energy(x: torch.Tensor, state, hessian: torch.Tensor) -> torch.Tensor:
+    """Per-block x^T H_b x: the size of the terms the Triton Hessian search adds up."""
+    xb = padded_blocks(x, state)
+    h = torch.nn.functional.pad(hessian.float(), (0, xb.shape[1] * xb.shape[2] - hessian.shape[0]) * 2)
+    return scale_search.block_error(xb, torch.zeros_like(xb), scale_search.hessian_blocks(h, state.block_size))
+
+
+# The Triton Hessian search takes each candidate's error as t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x, in fp32
+# from bf16 tensor-core dots, so its rounding is of the size of x^T H x, and candidates closer than that may be
+# ordered the other way than the reference's r^T H r. Allowed: a kept scale whose reference error exceeds the
+# reference's best by at most HESSIAN_TOL * x^T H x, on at most HESSIAN_MAX_DIFFERING of the blocks (at least one).
+HESSIAN_TOL = 2.0**-18
+HESSIAN_MAX_DIFFERING = 0.01
+
+
+def check_hessian_choice(x: torch.Tensor, tri, ref, hessian: torch.Tensor) -> tuple[int, float]:
+    """Assert the bounds above for a Triton and a reference Hessian search of x; return (blocks whose scale
+    differs, the largest excess error over x^T H x among them)."""
+    differ = bits(tri.scale) != bits(ref.scale)
+    n = int(differ.sum().item())
+    assert n <= max(1, int(HESSIAN_MAX_DIFFERING * differ.numel())), f"{n} of {differ.numel()} scales differ"
+    if not n:
+        return 0, 0.0
+    excess = (block_errors(x, tri, hessian) - block_errors(x, ref, hessian)) / block_energy(x, tri, hessian)
+    worst = excess[differ].max().item()
+    assert worst <= HESSIAN_TOL, worst
+    return n, worst

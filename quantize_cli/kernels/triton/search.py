@@ -1,24 +1,30 @@
 """Triton NVFP4/MXFP4 block-scale searches: the signatures of ``scale_search.search_nvfp4`` and
 ``scale_search.search_mxfp4`` (SSE when ``hessian`` is None, else r^T H_b r).
 
-A program takes ``BB`` rows of one column block, so the Hessian block ``H_b`` is loaded once and serves
-every row. The tile is (NCH, BB, W): each row's block is NCH chunks of W contiguous elements, all held
-by one thread for narrow blocks, so per-block work (candidate scale, its reciprocal, the error
-reduction) is done once per block rather than once per thread. Per candidate, in registers: the
-dequantized values, ``r = x - Q(x)``, the block error, the best so far; codes and the scale are
-written once.
+A program takes ``BB`` rows of one column block. Every candidate is encoded as the reference does,
+``e2m1(|x| * (1 / t))`` with ``1 / t`` rounded once per block (NVFP4 reads ``t`` and ``1 / t`` of every
+E4M3 code from a per-tensor table, ``_table_kernel``), rounded to the E2M1 grid with a magic-number
+addition (``_e2m1_round``: two FMAs, no compares and selects; benchmarks/results.md has the history).
 
-Exactness. The candidates are encoded as the reference does, ``e2m1(|x| * (1 / t))`` with ``1 / t``
-rounded once per block (NVFP4's SSE search reads ``t`` and ``1 / t`` of every E4M3 code from a
-per-tensor table, ``_table_kernel``), here rounded to the E2M1 grid with a magic-number addition
-(``_e2m1_round``: fp32 adds and multiplies, which issue at twice the rate of the compares and selects
-of a threshold search; benchmarks/results.md has the numbers). SSE codes and scales equal the
-reference bit for bit: the error ``r.r`` is summed in the reference's fixed pairwise order
-(``scale_search.pairwise_sum``) with no fused multiply-adds (``enable_fp_fusion=False``), so the strict
-``<`` sees the same floats. The Hessian error comes from ``tl.dot`` on the tensor cores (3xTF32, about
-fp32 accuracy), whose summation order no PyTorch reference reproduces: where two candidates' errors lie
-within rounding of each other the kernel may keep the other one; tests bound how often and by how much.
+SSE (``_search_kernel``). The tile is (NCH, BB, W): each row's block is NCH chunks of W contiguous
+elements, all held by one thread for narrow blocks, so per-block work (candidate scale, its reciprocal,
+the error) is done once per block. The error is ``scale_search.sse_error``, ``t (t k.k - 2 a.k)``: two
+FMAs per element and candidate, ``a.k`` folded in the reference's order (``_fold``, exact FMAs for 16-bit
+inputs, separate multiply and add for fp32; no other fused operations, ``enable_fp_fusion=False``), so
+codes and scales equal the reference bit for bit. Candidates above the naive scale cannot clip unless
+their scale code saturates (then they repeat an earlier candidate and are skipped), so where a tile's
+first such candidate keeps every value within 6 they leave out the saturation (``SKIP_CLAMP``).
+
+Hessian (``_hessian_kernel``). Per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` with ``k``
+the signed E2M1 values: ``k H`` on the tensor cores as three bf16 dots (k is exact in bf16; H split in
+three bf16 parts, about fp32 accuracy), everything else elementwise in the dots' accumulator layout, where
+x is brought by a dot with the identity, so the codes feed the next dot without a trip through shared
+memory. Its rounding is of the size of x^T H x, and no PyTorch reference reproduces the dots' summation
+order: where two candidates' errors lie that close the kernel may keep the other one; tests bound how
+often and by how much (``tests/_kernel_cases.check_hessian_choice``). The codes are encoded from the
+input as loaded, so they are the reference's under the kept scale.
 """
+
 
 from __future__ import annotations
 
@@ -36,7 +42,9 @@ SEARCH_ROWS = 128  # rows (blocks) per program for narrow blocks: one per thread
 SEARCH_WARPS = 4
 SEARCH_TILE = 4096  # elements per program for wide blocks
 HESSIAN_MAX_WIDTH = 64  # widest (padded) block the Hessian kernel takes: H_b is a (64, 64) fp32 tile
-HESSIAN_PRECISION = "tf32x3"  # or "ieee": one fp32 FMA dot (slower)
+HESSIAN_ROWS = 64  # rows per Hessian program: one warpgroup's tensor-core tile (M = 64)
+HESSIAN_WARPS = 4
+SKIP_CLAMP = True  # candidates above the naive scale skip the E2M1 saturation where the tile allows it
 FLT_MAX = tl.constexpr(scale_search.FLT_MAX)
 _TAB = 256  # NVFP4 candidate table entries: every naive E4M3 code (0..0x7E) plus the steps above it
 
@@ -68,13 +76,17 @@ def _e2m1_magic(y):
 
 
 @triton.jit
-def _e2m1_round(y):
+def _e2m1_round(y, CLAMP: tl.constexpr = True):
     """The E2M1 magnitude nearest to y >= 0, ties to even, saturating at 6 (= e2m1_decode(e2m1_encode(y))).
-    y + M lies in a binade whose fp32 ulp is u, so the add itself rounds y to a multiple of u, ties to an
-    even multiple (M / u is even), which is E2M1's even mantissa; subtracting M is exact."""
-    yc, mb = _e2m1_magic(y)
-    m = mb.to(tl.float32, bitcast=True)
-    return (yc + m) - m
+    With p = 2**e (e as in ``_e2m1_magic``, the exponent bits of max(y, 1)) and M = 1.5 * 2**22 * p: y + M
+    lies in a binade whose fp32 ulp is u, so the add itself rounds y to a multiple of u, ties to an even
+    multiple (M / u is even), which is E2M1's even mantissa; subtracting M is exact. Both are FMAs with
+    p (p * 1.5 * 2**22 is exact, so each rounds once, as the add would). CLAMP=False leaves out the
+    saturation, for callers that know y <= 6."""
+    if CLAMP:
+        y = tl.minimum(y, 6.0)
+    p = (tl.maximum(y, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.fma(p, -6291456.0, tl.fma(p, 6291456.0, y))  # 1.5 * 2**22
 
 
 @triton.jit
@@ -96,31 +108,42 @@ def _pairwise_last(v, LEAD: tl.constexpr, BB: tl.constexpr, N: tl.constexpr, LOG
 
 
 @triton.jit
-def _pairwise_sum(v, NCH: tl.constexpr, BB: tl.constexpr, W: tl.constexpr, LOG_NCH: tl.constexpr, LOG_W: tl.constexpr):
-    """(NCH, BB, W) -> (BB,) in ``scale_search.pairwise_sum`` order over each block's NCH * W elements:
-    within chunks first (adjacent pairs), then the chunk sums, adjacent pairs again."""
-    v = _pairwise_last(v, NCH, BB, W, LOG_W)
-    v = tl.reshape(tl.permute(v, (1, 0)), (1, BB, NCH))
-    return tl.reshape(_pairwise_last(v, 1, BB, NCH, LOG_NCH), (BB,))
+def _fold(acc, a, b, FUSE: tl.constexpr, LEAD: tl.constexpr, BB: tl.constexpr, N: tl.constexpr):
+    """acc (LEAD, BB) plus the products a * b of (LEAD, BB, N) tiles, added one after another in
+    ``scale_search.chunk_order`` (the last dimension halved into even and odd positions, recursively):
+    one FMA per element where FUSE (the products are exact, so it equals a multiply and an add)."""
+    if N == 1:
+        a1 = tl.reshape(a, (LEAD, BB))
+        b1 = tl.reshape(b, (LEAD, BB))
+        if FUSE:
+            return tl.fma(a1, b1, acc)
+        else:
+            return acc + a1 * b1
+    else:
+        a0, a1 = tl.split(tl.reshape(a, (LEAD, BB, N // 2, 2)))
+        b0, b1 = tl.split(tl.reshape(b, (LEAD, BB, N // 2, 2)))
+        acc = _fold(acc, a0, b0, FUSE, LEAD, BB, N // 2)
+        return _fold(acc, a1, b1, FUSE, LEAD, BB, N // 2)
 
 
 @triton.jit
-def _tf32_head(a):
-    """``a`` with the 13 fraction bits a TF32 multiply ignores cleared (``a - head`` is exact)."""
-    return (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+def _dot16(a, b, acc, EMULATE: tl.constexpr):
+    """a @ b (+ acc) of 16-bit operands, fp32 accumulation. EMULATE (Triton's CPU interpreter, whose dot
+    multiplies bf16 operands as their raw bits): the same products in an fp32 dot, exact for 16-bit values."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _dot3(a, b_big, b_small, PRECISION: tl.constexpr):
-    """a @ b on the tensor cores to about fp32 accuracy: the 3xTF32 split (a = head + tail, exactly;
-    the tail x tail product, ~2**-22 relative, is left out), accumulated in place. PRECISION "ieee"
-    instead runs one fp32 FMA dot (b_big + b_small == b)."""
-    if PRECISION == "ieee":
-        return tl.dot(a, b_big + b_small, input_precision="ieee")
-    a_big = _tf32_head(a)
-    acc = tl.dot(a - a_big, b_big, input_precision="tf32")
-    acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
-    return tl.dot(a_big, b_big, acc, input_precision="tf32")
+def _bf16_split(h):
+    """h (fp32) as three bf16 parts, largest first, whose sum is h to within 2**-24 relatively: each part
+    rounds what the previous ones left (every residual is exact in fp32)."""
+    h1 = h.to(tl.bfloat16)
+    r = h - h1.to(tl.float32)
+    h2 = r.to(tl.bfloat16)
+    return h1, h2, (r - h2.to(tl.float32)).to(tl.bfloat16)
 
 
 @triton.jit
@@ -135,20 +158,13 @@ def _naive(amax, gs, NVFP4: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr
 
 
 @triton.jit
-def _candidate(
-    naive, i, tab_ptr, gs, NVFP4: tl.constexpr, TABLE: tl.constexpr, STEP0: tl.constexpr, BIAS: tl.constexpr,
-    TAB: tl.constexpr,
-):  # fmt: skip
+def _candidate(naive, i, tab_ptr, NVFP4: tl.constexpr, STEP0: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr):
     """Per-block candidate ``i`` (step STEP0 + i): its scale t and ``reciprocal(t)``. NVFP4 reads both from
-    the per-tensor table (TABLE: entry naive + i of ``_table_kernel``) or computes them; MXFP4 builds the
-    powers of two from bits (2**-127 is the subnormal with fraction bit 22)."""
+    the per-tensor table (entry naive + i of ``_table_kernel``); MXFP4 builds the powers of two from bits
+    (2**-127 is the subnormal with fraction bit 22)."""
     if NVFP4:
-        if TABLE:
-            k = naive + i
-            return tl.load(tab_ptr + k), tl.load(tab_ptr + TAB + k)
-        else:
-            t = e4m3_decode(tl.minimum(tl.maximum(naive + (STEP0 + i), 0), 0x7E)) * gs
-            return t, _reciprocal(t)
+        k = naive + i
+        return tl.load(tab_ptr + k), tl.load(tab_ptr + TAB + k)
     else:
         e = tl.minimum(tl.maximum(naive + (STEP0 + i), -BIAS), BIAS)
         t = tl.where(e == -BIAS, 0x400000, (e + BIAS) << 23).to(tl.float32, bitcast=True)
@@ -166,20 +182,47 @@ def _table_kernel(gs_ptr, tab_ptr, STEP0: tl.constexpr, TAB: tl.constexpr):
     tl.store(tab_ptr + TAB + k, _reciprocal(t))
 
 
+@triton.jit
+def _search_loop(
+    mag, naive, tab_ptr, top, NVFP4: tl.constexpr, STEP0: tl.constexpr, NSTEPS: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr, FUSE: tl.constexpr, UNCLIPPED: tl.constexpr,
+    BB: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, LOG_NCH: tl.constexpr,
+):  # fmt: skip
+    """The candidate index (0..NSTEPS-1) with the least error per block; the first wins a tie. UNCLIPPED: the
+    candidates above the naive scale skip the saturation, and a repeat of an earlier candidate (its scale
+    code saturated) is never kept."""
+    best_err = tl.full((BB,), float("inf"), tl.float32)
+    best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
+    for i in tl.static_range(NSTEPS):
+        t, inv = _candidate(naive, i, tab_ptr, NVFP4, STEP0, BIAS, TAB)
+        k = _e2m1_round(mag * _expand(inv), not (UNCLIPPED and STEP0 + i > 0))  # |E2M1 value|, as |decode(code)|
+        # scale_search.sse_error: t (t k.k - 2 a.k); a.k in ordered_sum order (chunks folded one element
+        # after another, chunk sums pairwise), k.k exact in any order
+        zero = tl.zeros((NCH, BB), tl.float32)
+        ak = _fold(zero, mag, k, FUSE, NCH, BB, W)
+        ak = _pairwise_last(tl.reshape(tl.permute(ak, (1, 0)), (1, BB, NCH)), 1, BB, NCH, LOG_NCH)
+        kk = tl.sum(_fold(zero, k, k, True, NCH, BB, W), axis=0)
+        err = t * (t * kk - 2.0 * tl.reshape(ak, (BB,)))
+        if UNCLIPPED and STEP0 + i > 0:
+            err = tl.where(naive + (STEP0 + i) > top, float("inf"), err)
+        better = err < best_err
+        best_err = tl.where(better, err, best_err)
+        best = tl.where(better, i, best)
+    return best
+
+
 # ---- the kernel ------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _search_kernel(
-    x_ptr, h_ptr, gs_ptr, tab_ptr, q_ptr, scale_ptr, rows, cols,
+    x_ptr, gs_ptr, tab_ptr, q_ptr, scale_ptr, rows, cols,
     BLOCK: tl.constexpr, BB: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr,
-    LOG_NCH: tl.constexpr, LOG_W: tl.constexpr, NVFP4: tl.constexpr, HESSIAN: tl.constexpr,
-    STEP0: tl.constexpr, NSTEPS: tl.constexpr,
-    PRECISION: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr,
-    TABLE: tl.constexpr, TAB: tl.constexpr,
+    LOG_NCH: tl.constexpr, NVFP4: tl.constexpr, STEP0: tl.constexpr, NSTEPS: tl.constexpr,
+    EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr,
+    FUSE: tl.constexpr, SKIP_CLAMP: tl.constexpr,
 ):  # fmt: skip
     BP: tl.constexpr = NCH * W
-    pid = tl.program_id(0)
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # from the end: NVFP4's global-scale pass read it last
     nb = cols // BLOCK
     cb = pid % nb  # column block, fastest: programs running together share rows, so writes merge in L2
     row = (pid // nb) * BB + tl.arange(0, BB)
@@ -193,35 +236,29 @@ def _search_kernel(
     x = tl.load(x_ptr + (base[None, :, None] + j), mask=mask, other=0.0).to(tl.float32)
     mag = tl.abs(x)
     gs = tl.load(gs_ptr)  # 1 for MXFP4
-    naive = _naive(tl.max(tl.max(mag, axis=2), axis=0), gs, NVFP4, EMAX, FMAX, BIAS)
+    amax = tl.max(tl.max(mag, axis=2), axis=0)
+    naive = _naive(amax, gs, NVFP4, EMAX, FMAX, BIAS)
 
-    if HESSIAN:
-        hi = tl.arange(0, BP)
-        h_offs = cb * (BLOCK * BLOCK) + hi[None, :] * BLOCK + hi[:, None]  # transposed: ht[j, i] = H_b[i, j]
-        h_mask = (hi[None, :] < BLOCK) & (hi[:, None] < BLOCK)
-        ht = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
-        ht_big = _tf32_head(ht)
-        ht_small = ht - ht_big
+    # Candidates above the naive scale never clip (v <= 6) unless their scale code saturates, which makes
+    # them repeats of an earlier candidate; a tile whose first such candidate keeps every block's largest
+    # v within 6 (all but pathological global scales) searches them without the saturation.
+    top = BIAS if not NVFP4 else 0x7E
+    unclipped = False
+    if SKIP_CLAMP and STEP0 + NSTEPS > 1:
+        _, inv1 = _candidate(naive, 1 - STEP0, tab_ptr, NVFP4, STEP0, BIAS, TAB)
+        # inv falls as the candidates grow; a scale that underflowed to 0 (inv 0) bounds nothing above it
+        v1 = tl.where(naive + 1 > top, 0.0, amax * tl.where(inv1 == 0.0, FLT_MAX, inv1))
+        unclipped = tl.max(v1, axis=0) <= 6.0
+    if unclipped:
+        best = _search_loop(
+            mag, naive, tab_ptr, top, NVFP4, STEP0, NSTEPS, BIAS, TAB, FUSE, True, BB, NCH, W, LOG_NCH
+        )
+    else:
+        best = _search_loop(
+            mag, naive, tab_ptr, top, NVFP4, STEP0, NSTEPS, BIAS, TAB, FUSE, False, BB, NCH, W, LOG_NCH
+        )
 
-    best_err = tl.full((BB,), float("inf"), tl.float32)
-    best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
-    for i in range(NSTEPS):
-        t, inv = _candidate(naive, i, tab_ptr, gs, NVFP4, TABLE, STEP0, BIAS, TAB)
-        d = _e2m1_round(mag * _expand(inv)) * _expand(t)  # |Q(x)| = fl(v * t), as decode(code) * t
-        if HESSIAN:
-            # r = x - Q(x), Q(x) = d with the sign of x (a code of magnitude 0 decodes to +-0: same r)
-            q = d.to(tl.uint32, bitcast=True) | (x.to(tl.uint32, bitcast=True) & 0x80000000)
-            r2 = tl.reshape(tl.permute(x - q.to(tl.float32, bitcast=True), (1, 0, 2)), (BB, BP))
-            v = _dot3(r2, ht_big, ht_small, PRECISION)
-            err = tl.sum(r2 * v, axis=1)
-        else:
-            r = mag - d  # |x - Q(x)|
-            err = _pairwise_sum(r * r, NCH, BB, W, LOG_NCH, LOG_W)
-        better = err < best_err
-        best_err = tl.where(better, err, best_err)
-        best = tl.where(better, i, best)
-
-    _, inv = _candidate(naive, best, tab_ptr, gs, NVFP4, TABLE, STEP0, BIAS, TAB)
+    _, inv = _candidate(naive, best, tab_ptr, NVFP4, STEP0, BIAS, TAB)
     idx = _e2m1_index(mag * _expand(inv))
     codes = tl.where((x < 0.0) & (idx > 0), idx + 8, idx)
     hi, lo = tl.split(tl.reshape(codes, (NCH, BB, W // 2, 2)))
@@ -235,18 +272,82 @@ def _search_kernel(
     tl.store(scale_ptr + row.to(tl.int64) * (cols // BLOCK) + cb, stored.to(tl.uint8), mask=row_ok)
 
 
+@triton.jit
+def _hessian_kernel(
+    x_ptr, h_ptr, gs_ptr, tab_ptr, q_ptr, scale_ptr, rows, cols,
+    BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, NVFP4: tl.constexpr, STEP0: tl.constexpr,
+    NSTEPS: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr,
+    SPLIT_X: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    """Hessian search: per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` with ``k`` the signed E2M1
+    values; ``k H`` is one bf16 dot per part of H (k is exact in bf16). Everything per element lives in the
+    dots' accumulator layout (x is moved there by a dot with the identity), so the codes feed the next dot
+    without a trip through shared memory."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # from the end, as _search_kernel
+    nb = cols // BLOCK
+    cb = pid % nb
+    row = (pid // nb) * BB + tl.arange(0, BB)
+    row_ok = row < rows
+    col = tl.arange(0, BP)
+    base = row.to(tl.int64) * cols + cb * BLOCK
+    mask = row_ok[:, None] & (col[None, :] < BLOCK)
+    x_in = tl.load(x_ptr + (base[:, None] + col[None, :]), mask=mask, other=0.0)
+    eye = col[:, None] == col[None, :]
+    zero = tl.zeros((BB, BP), tl.float32)
+    if SPLIT_X:  # fp32: three bf16 parts, each times the identity, add up to x exactly
+        x1, x2, x3 = _bf16_split(x_in)
+        e16 = tl.where(eye, 1.0, 0.0).to(tl.bfloat16)
+        x = _dot16(x1, e16, _dot16(x2, e16, _dot16(x3, e16, zero, EMULATE), EMULATE), EMULATE)
+    else:
+        x = _dot16(x_in, tl.where(eye, 1.0, 0.0).to(x_in.dtype), zero, EMULATE)
+    mag = tl.abs(x)
+    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+    gs = tl.load(gs_ptr)  # 1 for MXFP4
+    naive = _naive(tl.max(mag, axis=1), gs, NVFP4, EMAX, FMAX, BIAS)
+    h_mask = (col[:, None] < BLOCK) & (col[None, :] < BLOCK)
+    h = tl.load(h_ptr + cb * (BLOCK * BLOCK) + col[:, None] * BLOCK + col[None, :], mask=h_mask, other=0.0)
+    h1, h2, h3 = _bf16_split(h)
+
+    best_err = tl.full((BB,), float("inf"), tl.float32)
+    best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
+    for i in tl.static_range(NSTEPS):
+        t, inv = _candidate(naive, i, tab_ptr, NVFP4, STEP0, BIAS, TAB)
+        k = _e2m1_round(mag * inv[:, None])
+        ks = (k.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # a zero code's sign: no matter
+        kb = ks.to(tl.bfloat16)
+        kh = _dot16(kb, h1, _dot16(kb, h2, _dot16(kb, h3, zero, EMULATE), EMULATE), EMULATE)  # smallest first
+        err = t * tl.sum(kh * (t[:, None] * ks - 2.0 * x), axis=1)
+        better = err < best_err
+        best_err = tl.where(better, err, best_err)
+        best = tl.where(better, i, best)
+
+    # the codes from the input as loaded (exact for every dtype), under the kept scale
+    xe = x_in.to(tl.float32)
+    _, inv = _candidate(naive, best, tab_ptr, NVFP4, STEP0, BIAS, TAB)
+    idx = _e2m1_index(tl.abs(xe) * inv[:, None])
+    codes = tl.where((xe < 0.0) & (idx > 0), idx + 8, idx)
+    hi, lo = tl.split(tl.reshape(codes, (BB, BP // 2, 2)))
+    jq = tl.arange(0, BP // 2)
+    q_mask = row_ok[:, None] & (jq[None, :] < BLOCK // 2)
+    tl.store(q_ptr + ((base // 2)[:, None] + jq[None, :]), ((hi << 4) | lo).to(tl.uint8), mask=q_mask)
+    if NVFP4:
+        stored = tl.minimum(tl.maximum(naive + (STEP0 + best), 0), 0x7E)
+    else:
+        stored = tl.minimum(tl.maximum(naive + (STEP0 + best), -BIAS), BIAS) + BIAS
+    tl.store(scale_ptr + row.to(tl.int64) * (cols // BLOCK) + cb, stored.to(tl.uint8), mask=row_ok)
+
+
 # ---- host side --------------------------------------------------------------------------------------------
 
 
-def _tiling(block_size: int, elem_size: int, hessian: bool) -> tuple[int, int, int]:
-    """(BB, NCH, W) for a block of ``block_size`` elements: W = one 16-byte vector of the input (at most the
-    padded block), NCH chunks of it per block; narrow blocks one per thread, wide ones split over threads."""
+def _tiling(block_size: int) -> tuple[int, int, int]:
+    """SSE (BB, NCH, W) for a block of ``block_size`` elements: W = ``scale_search.SUM_CHUNK`` elements (at
+    most the padded block; the SSE sums them one after another), NCH chunks of them per block; narrow
+    blocks one per thread, wide ones split over threads."""
     width = triton.next_power_of_2(block_size)
-    if hessian:
-        width = max(width, 16)  # tl.dot needs K, N >= 16
-    w = min(width, max(2, 16 // elem_size))
+    w = min(width, scale_search.SUM_CHUNK)
     rows = SEARCH_ROWS if width <= 32 else max(1, SEARCH_TILE // width)
-    return max(rows, 16) if hessian else rows, width // w, w
+    return rows, width // w, w
 
 
 def _search(
@@ -268,28 +369,30 @@ def _search(
     scale = torch.empty((rows, nb), dtype=torch.uint8, device=x.device)
     steps = scale_search.NVFP4_STEPS if nvfp4 else scale_search.MXFP4_STEPS
     assert steps == tuple(range(steps[0], steps[0] + len(steps)))  # consecutive: candidate i is step STEP0 + i
-    # NVFP4's SSE search reads its candidates from a table; the Hessian kernel computes them (gathers there
-    # make Triton rematerialize the whole candidate in the dot's layout)
-    table = nvfp4 and hessian is None
-    if nvfp4:
+    if nvfp4:  # NVFP4 reads its candidates from a table of every E4M3 code's scale and reciprocal
         gs = global_scale.to(device=x.device, dtype=torch.float32).reshape(1)
-    else:
-        gs = torch.ones(1, dtype=torch.float32, device=x.device)
-    tab = gs
-    if table:
         tab = torch.empty(2 * _TAB, dtype=torch.float32, device=x.device)
         _table_kernel[(1,)](gs, tab, STEP0=steps[0], TAB=_TAB, num_warps=4, enable_fp_fusion=False)
-    h = gs if hessian is None else hessian.to(device=x.device, dtype=torch.float32).contiguous()
-    bb, nch, w = _tiling(block_size, x.element_size(), hessian is not None)
-    if x.numel():
+    else:
+        gs = tab = torch.ones(1, dtype=torch.float32, device=x.device)
+    if not x.numel():
+        return q, scale
+    common = dict(
+        NVFP4=nvfp4, STEP0=steps[0], NSTEPS=len(steps), EMAX=F4_E2M1_MAX if nvfp4 else E2M1_EMAX,
+        FMAX=F8_E4M3_MAX, BIAS=E8M0_BIAS, TAB=_TAB,
+    )  # fmt: skip
+    if hessian is None:
+        bb, nch, w = _tiling(block_size)
         _search_kernel[(nb * triton.cdiv(rows, bb),)](
-            x, h, gs, tab, q, scale, rows, cols,
-            BLOCK=block_size, BB=bb, NCH=nch, W=w, LOG_NCH=nch.bit_length() - 1, LOG_W=w.bit_length() - 1,
-            NVFP4=nvfp4, HESSIAN=hessian is not None,
-            STEP0=steps[0], NSTEPS=len(steps), PRECISION=HESSIAN_PRECISION,
-            EMAX=F4_E2M1_MAX if nvfp4 else E2M1_EMAX, FMAX=F8_E4M3_MAX, BIAS=E8M0_BIAS,
-            TABLE=table, TAB=_TAB,
+            x, gs, tab, q, scale, rows, cols, BLOCK=block_size, BB=bb, NCH=nch, W=w, LOG_NCH=nch.bit_length() - 1,
+            FUSE=x.element_size() < 4, SKIP_CLAMP=SKIP_CLAMP, **common,
             num_warps=SEARCH_WARPS, enable_fp_fusion=False,
+        )  # fmt: skip
+    else:
+        h = hessian.to(device=x.device, dtype=torch.float32).contiguous()
+        _hessian_kernel[(nb * triton.cdiv(rows, HESSIAN_ROWS),)](
+            x, h, gs, tab, q, scale, rows, cols, BLOCK=block_size, BB=HESSIAN_ROWS, BP=max(width, 16),
+            SPLIT_X=x.dtype == torch.float32, EMULATE=x.device.type != "cuda", **common, num_warps=HESSIAN_WARPS,
         )  # fmt: skip
     return q, scale
 

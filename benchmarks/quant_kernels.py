@@ -7,11 +7,11 @@ same run. NVFP4's quantize includes its per-tensor amax pass (a second read of t
 "nvfp4 (gs given)" row times the block kernel alone. Writes ``kernels.json``, ``kernels.md`` and two
 PNG plots into ``--out``.
 
-    python benchmarks/kernels.py --out /tmp/bench            # on a CUDA GPU
-    python benchmarks/kernels.py --schemes nf4,fp4 --merge benchmarks/kernels.json --out /tmp/bench
+    python benchmarks/quant_kernels.py --out /tmp/bench            # on a CUDA GPU
+    python benchmarks/quant_kernels.py --schemes nf4,fp4 --merge benchmarks/kernels.json --out /tmp/bench
                                                              # a subset, merged into an earlier run
-    python benchmarks/kernels.py --sweep --out /tmp/bench    # tile size x warps, a few kernels
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke  # CPU check of the script itself
+    python benchmarks/quant_kernels.py --sweep --out /tmp/bench    # tile size x warps, a few kernels
+    TRITON_INTERPRET=1 python benchmarks/quant_kernels.py --smoke  # CPU check of the script itself
 """
 
 from __future__ import annotations
