@@ -80,8 +80,9 @@ def main() -> None:
         for fmt, block, nvfp4 in (("nvfp4 b16", 16, True), ("mxfp4 b32", 32, False)):
             ops, per_thread = counts(block, nvfp4)
             total = sum(ops.values())
-            n = _formats(nvfp4)["NSTEPS"]
-            print(f"| {name} | {fmt} | {total} | {per_thread} | {total / per_thread:.1f} | {total / per_thread / n:.1f} |")
+            per_element = total / per_thread
+            steps = _formats(nvfp4)["NSTEPS"]
+            print(f"| {name} | {fmt} | {total} | {per_thread} | {per_element:.1f} | {per_element / steps:.1f} |")
 
 
 if __name__ == "__main__":

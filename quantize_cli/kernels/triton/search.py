@@ -25,7 +25,6 @@ often and by how much (``tests/_kernel_cases.check_hessian_choice``). The codes 
 input as loaded, so they are the reference's under the kept scale.
 """
 
-
 from __future__ import annotations
 
 import torch
@@ -184,8 +183,9 @@ def _table_kernel(gs_ptr, tab_ptr, STEP0: tl.constexpr, TAB: tl.constexpr):
 
 @triton.jit
 def _search_loop(
-    mag, naive, tab_ptr, top, NVFP4: tl.constexpr, STEP0: tl.constexpr, NSTEPS: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr, FUSE: tl.constexpr, UNCLIPPED: tl.constexpr,
-    BB: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, LOG_NCH: tl.constexpr,
+    mag, naive, tab_ptr, top, NVFP4: tl.constexpr, STEP0: tl.constexpr, NSTEPS: tl.constexpr, BIAS: tl.constexpr,
+    TAB: tl.constexpr, FUSE: tl.constexpr, UNCLIPPED: tl.constexpr, BB: tl.constexpr, NCH: tl.constexpr,
+    W: tl.constexpr, LOG_NCH: tl.constexpr,
 ):  # fmt: skip
     """The candidate index (0..NSTEPS-1) with the least error per block; the first wins a tie. UNCLIPPED: the
     candidates above the naive scale skip the saturation, and a repeat of an earlier candidate (its scale
@@ -250,13 +250,9 @@ def _search_kernel(
         v1 = tl.where(naive + 1 > top, 0.0, amax * tl.where(inv1 == 0.0, FLT_MAX, inv1))
         unclipped = tl.max(v1, axis=0) <= 6.0
     if unclipped:
-        best = _search_loop(
-            mag, naive, tab_ptr, top, NVFP4, STEP0, NSTEPS, BIAS, TAB, FUSE, True, BB, NCH, W, LOG_NCH
-        )
+        best = _search_loop(mag, naive, tab_ptr, top, NVFP4, STEP0, NSTEPS, BIAS, TAB, FUSE, True, BB, NCH, W, LOG_NCH)
     else:
-        best = _search_loop(
-            mag, naive, tab_ptr, top, NVFP4, STEP0, NSTEPS, BIAS, TAB, FUSE, False, BB, NCH, W, LOG_NCH
-        )
+        best = _search_loop(mag, naive, tab_ptr, top, NVFP4, STEP0, NSTEPS, BIAS, TAB, FUSE, False, BB, NCH, W, LOG_NCH)
 
     _, inv = _candidate(naive, best, tab_ptr, NVFP4, STEP0, BIAS, TAB)
     idx = _e2m1_index(mag * _expand(inv))
