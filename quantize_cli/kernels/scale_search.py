@@ -7,14 +7,6 @@ least error: the squared error ``r.r`` (SSE) or ``r^T H_b r`` (Hessian), with ``
 ``H_b`` the block's diagonal block of the calibration ``X^T X``. Cross-block terms of H are ignored, so
 blocks are independent and the search stays one pass over the weight.
 
-The SSE is compared without its constant part: with ``Q(x) = t k`` (``k`` the E2M1 magnitudes, ``a = |x|``),
-``r.r = a.a - 2 t (a.k) + t^2 (k.k)``, so a candidate's error is taken as ``t (t (k.k) - 2 (a.k))``
-(``sse_error``): two sums per element instead of a subtraction, a square and a sum, which is what the
-Triton search issues per element and candidate. ``k.k`` is exact in fp32 (multiples of 1/4); ``a.k`` is
-summed in a fixed order (``ordered_sum``) that the kernel reproduces. The fp32 result carries a rounding
-of about 2**-24 of ``a.a`` rather than of ``r.r``: candidates whose squared errors lie within ~1e-5 of
-each other relatively count as tied.
-
 Each candidate scale ``t`` encodes ``x * (1 / t)``, its reciprocal rounded once per block (``reciprocal``),
 rather than ``x / t`` as the naive quantizers do: the two differ only for a value within an ulp of an
 E2M1 decision bound, and a multiply keeps the Triton search (twelve candidates per element) cheap.
@@ -63,40 +55,6 @@ def pairwise_sum(v: Tensor) -> Tensor:
     return v[..., 0]
 
 
-SUM_CHUNK = 8  # ordered_sum: elements summed one after another within chunks of this many
-
-
-def chunk_order(width: int) -> list[int]:
-    """Positions 0..width-1 (a power of two) in bit-reversed order: the order in which the Triton search
-    folds a chunk's products, halving it into even and odd positions recursively."""
-    bits = width.bit_length() - 1
-    return [int(format(j, f"0{bits}b")[::-1], 2) if bits else 0 for j in range(width)]
-
-
-def ordered_sum(v: Tensor) -> Tensor:
-    """Sum over the last dimension in the Triton search's order: zero-padded to a power of two ``P``, cut
-    into chunks of ``min(P, SUM_CHUNK)`` contiguous elements, each chunk summed one element after another
-    in ``chunk_order``, then the chunk sums added by ``pairwise_sum``."""
-    width = v.shape[-1]
-    padded = 1 << max(width - 1, 0).bit_length()
-    if padded != width:
-        v = torch.nn.functional.pad(v, (0, padded - width))
-    chunk = min(padded, SUM_CHUNK)
-    v = v.reshape(*v.shape[:-1], padded // chunk, chunk)
-    order = chunk_order(chunk)
-    acc = v[..., order[0]]
-    for j in order[1:]:
-        acc = acc + v[..., j]
-    return pairwise_sum(acc)
-
-
-def sse_error(mag: Tensor, k: Tensor, total: Tensor) -> Tensor:
-    """``r.r - a.a`` of (rows, nb, B) magnitudes ``a`` quantized to E2M1 magnitudes ``k`` under per-block
-    scales ``total`` (rows, nb): ``t * (t * (k.k) - 2 * (a.k))`` in fp32, ``a.k`` in ``ordered_sum`` order
-    (each product rounded once; exact for 16-bit inputs), ``k.k`` exact in any order."""
-    return total * (total * (k * k).sum(-1) - 2.0 * ordered_sum(mag * k))
-
-
 def block_error(xb: Tensor, dq: Tensor, hessian: Tensor | None) -> Tensor:
     """Per-block error of (rows, nb, B) values: sum of squares (``pairwise_sum`` order), or r^T H_b r
     with r = xb - dq."""
@@ -113,18 +71,10 @@ def reciprocal(total: Tensor) -> Tensor:
 
 
 def _e2m1_roundtrip(xb: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
-    """Codes and E2M1 values of blocks ``xb`` (rows, nb, B) under per-block scales ``total``:
-    ``e2m1(x * reciprocal(t))`` and ``decode(code)`` (dequantized: times ``t``)."""
+    """Codes and dequantized values of blocks ``xb`` (rows, nb, B) under per-block scales ``total``:
+    ``e2m1(x * reciprocal(t))``, dequantized ``decode(code) * t``."""
     codes = e2m1_encode(xb * reciprocal(total).unsqueeze(-1))
-    return codes, e2m1_decode(codes)
-
-
-def _candidate_error(xb: Tensor, total: Tensor, hessian: Tensor | None) -> Tensor:
-    """Per-block error of the candidate scales ``total``: ``sse_error`` (SSE) or r^T H_b r."""
-    _, k = _e2m1_roundtrip(xb, total)
-    if hessian is None:
-        return sse_error(xb.abs(), k.abs(), total)
-    return block_error(xb, k * total.unsqueeze(-1), hessian)
+    return codes, e2m1_decode(codes) * total.unsqueeze(-1)
 
 
 def search_nvfp4(x: Tensor, block_size: int, global_scale: Tensor, hessian: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -140,7 +90,8 @@ def search_nvfp4(x: Tensor, block_size: int, global_scale: Tensor, hessian: Tens
     for step in NVFP4_STEPS:
         bits = torch.clamp(naive_bits + step, 0, _E4M3_MAX_BITS)
         scale = bits.to(torch.uint8).view(torch.float8_e4m3fn).float()
-        err = _candidate_error(xb, scale * gs, hessian)
+        _, dq = _e2m1_roundtrip(xb, scale * gs)
+        err = block_error(xb, dq, hessian)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_bits = torch.where(better, bits, best_bits)
@@ -158,7 +109,8 @@ def search_mxfp4(x: Tensor, block_size: int, hessian: Tensor | None) -> tuple[Te
     best_exp = torch.clamp(naive, -E8M0_BIAS, E8M0_BIAS)
     for step in MXFP4_STEPS:
         exp = torch.clamp(naive + step, -E8M0_BIAS, E8M0_BIAS)
-        err = _candidate_error(xb, torch.exp2(exp.float()), hessian)
+        _, dq = _e2m1_roundtrip(xb, torch.exp2(exp.float()))
+        err = block_error(xb, dq, hessian)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_exp = torch.where(better, exp, best_exp)

@@ -85,10 +85,8 @@ def _quantize_narrow_kernel(
 ):  # fmt: skip
     """Blocks of at most NCH * W elements as a (NCH, BB, W) tile: block b's NCH chunks of W contiguous
     elements (one 16-byte load each) sit in one thread, so the per-block work (three IEEE divisions, the
-    E4M3 round trip) runs once per block instead of in every thread that holds part of it. Programs walk
-    the tensor from its end: the global-scale pass has just read it front to back, so the tiles it read
-    last may still be in L2."""
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    E4M3 round trip) runs once per block instead of in every thread that holds part of it."""
+    pid = tl.program_id(0)
     x_ptr += pid.to(tl.int64) * (BB * BLOCK)
     q_ptr += pid.to(tl.int64) * (BB * BLOCK // 2)
     blocks = tl.arange(0, BB)

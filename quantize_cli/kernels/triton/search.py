@@ -4,16 +4,16 @@
 A program takes ``BB`` rows of one column block. Every candidate is encoded as the reference does,
 ``e2m1(|x| * (1 / t))`` with ``1 / t`` rounded once per block (NVFP4 reads ``t`` and ``1 / t`` of every
 E4M3 code from a per-tensor table, ``_table_kernel``), rounded to the E2M1 grid with a magic-number
-addition (``_e2m1_round``: two FMAs, no compares and selects; benchmarks/results.md has the history).
+addition (``_e2m1_round``: fp32 adds and multiplies, which issue at twice the rate of the compares and
+selects of a threshold search; benchmarks/results.md has the numbers).
 
 SSE (``_search_kernel``). The tile is (NCH, BB, W): each row's block is NCH chunks of W contiguous
 elements, all held by one thread for narrow blocks, so per-block work (candidate scale, its reciprocal,
-the error) is done once per block. The error is ``scale_search.sse_error``, ``t (t k.k - 2 a.k)``: two
-FMAs per element and candidate, ``a.k`` folded in the reference's order (``_fold``, exact FMAs for 16-bit
-inputs, separate multiply and add for fp32; no other fused operations, ``enable_fp_fusion=False``), so
-codes and scales equal the reference bit for bit. Candidates above the naive scale cannot clip unless
-their scale code saturates (then they repeat an earlier candidate and are skipped), so where a tile's
-first such candidate keeps every value within 6 they leave out the saturation (``SKIP_CLAMP``).
+the error reduction) is done once per block. Per candidate, in registers: the dequantized values,
+``r = x - Q(x)``, the block error, the best so far; codes and the scale are written once. Codes and
+scales equal the reference bit for bit: the error ``r.r`` is summed in the reference's fixed pairwise
+order (``scale_search.pairwise_sum``) with no fused multiply-adds (``enable_fp_fusion=False``), so the
+strict ``<`` sees the same floats.
 
 Hessian (``_hessian_kernel``). Per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` with ``k``
 the signed E2M1 values: ``k H`` on the tensor cores as three bf16 dots (k is exact in bf16; H split in
@@ -43,7 +43,6 @@ SEARCH_TILE = 4096  # elements per program for wide blocks
 HESSIAN_MAX_WIDTH = 64  # widest (padded) block the Hessian kernel takes: H_b is a (64, 64) fp32 tile
 HESSIAN_ROWS = 64  # rows per Hessian program: one warpgroup's tensor-core tile (M = 64)
 HESSIAN_WARPS = 4
-SKIP_CLAMP = True  # candidates above the naive scale skip the E2M1 saturation where the tile allows it
 FLT_MAX = tl.constexpr(scale_search.FLT_MAX)
 _TAB = 256  # NVFP4 candidate table entries: every naive E4M3 code (0..0x7E) plus the steps above it
 
@@ -75,17 +74,13 @@ def _e2m1_magic(y):
 
 
 @triton.jit
-def _e2m1_round(y, CLAMP: tl.constexpr = True):
+def _e2m1_round(y):
     """The E2M1 magnitude nearest to y >= 0, ties to even, saturating at 6 (= e2m1_decode(e2m1_encode(y))).
-    With p = 2**e (e as in ``_e2m1_magic``, the exponent bits of max(y, 1)) and M = 1.5 * 2**22 * p: y + M
-    lies in a binade whose fp32 ulp is u, so the add itself rounds y to a multiple of u, ties to an even
-    multiple (M / u is even), which is E2M1's even mantissa; subtracting M is exact. Both are FMAs with
-    p (p * 1.5 * 2**22 is exact, so each rounds once, as the add would). CLAMP=False leaves out the
-    saturation, for callers that know y <= 6."""
-    if CLAMP:
-        y = tl.minimum(y, 6.0)
-    p = (tl.maximum(y, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    return tl.fma(p, -6291456.0, tl.fma(p, 6291456.0, y))  # 1.5 * 2**22
+    y + M lies in a binade whose fp32 ulp is u, so the add itself rounds y to a multiple of u, ties to an
+    even multiple (M / u is even), which is E2M1's even mantissa; subtracting M is exact."""
+    yc, mb = _e2m1_magic(y)
+    m = mb.to(tl.float32, bitcast=True)
+    return (yc + m) - m
 
 
 @triton.jit
@@ -107,22 +102,23 @@ def _pairwise_last(v, LEAD: tl.constexpr, BB: tl.constexpr, N: tl.constexpr, LOG
 
 
 @triton.jit
-def _fold(acc, a, b, FUSE: tl.constexpr, LEAD: tl.constexpr, BB: tl.constexpr, N: tl.constexpr):
-    """acc (LEAD, BB) plus the products a * b of (LEAD, BB, N) tiles, added one after another in
-    ``scale_search.chunk_order`` (the last dimension halved into even and odd positions, recursively):
-    one FMA per element where FUSE (the products are exact, so it equals a multiply and an add)."""
-    if N == 1:
-        a1 = tl.reshape(a, (LEAD, BB))
-        b1 = tl.reshape(b, (LEAD, BB))
-        if FUSE:
-            return tl.fma(a1, b1, acc)
-        else:
-            return acc + a1 * b1
-    else:
-        a0, a1 = tl.split(tl.reshape(a, (LEAD, BB, N // 2, 2)))
-        b0, b1 = tl.split(tl.reshape(b, (LEAD, BB, N // 2, 2)))
-        acc = _fold(acc, a0, b0, FUSE, LEAD, BB, N // 2)
-        return _fold(acc, a1, b1, FUSE, LEAD, BB, N // 2)
+def _pairwise_sum(v, NCH: tl.constexpr, BB: tl.constexpr, W: tl.constexpr, LOG_NCH: tl.constexpr, LOG_W: tl.constexpr):
+    """(NCH, BB, W) -> (BB,) in ``scale_search.pairwise_sum`` order over each block's NCH * W elements:
+    within chunks first (adjacent pairs), then the chunk sums, adjacent pairs again."""
+    v = _pairwise_last(v, NCH, BB, W, LOG_W)
+    v = tl.reshape(tl.permute(v, (1, 0)), (1, BB, NCH))
+    return tl.reshape(_pairwise_last(v, 1, BB, NCH, LOG_NCH), (BB,))
+
+
+@triton.jit
+def _e2m1_round_fma(y):
+    """``_e2m1_round`` with its magic add and subtract as two FMAs (the Hessian kernel's form; the SSE kernel
+    keeps the form it was tuned and measured with): with p = 2**e, the exponent bits of max(min(y, 6), 1),
+    M = 1.5 * 2**22 * p is the same magic number, and p * 1.5 * 2**22 is exact, so each FMA rounds once, as
+    the add would."""
+    y = tl.minimum(y, 6.0)
+    p = (tl.maximum(y, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.fma(p, -6291456.0, tl.fma(p, 6291456.0, y))  # 1.5 * 2**22
 
 
 @triton.jit
@@ -181,35 +177,6 @@ def _table_kernel(gs_ptr, tab_ptr, STEP0: tl.constexpr, TAB: tl.constexpr):
     tl.store(tab_ptr + TAB + k, _reciprocal(t))
 
 
-@triton.jit
-def _search_loop(
-    mag, naive, tab_ptr, top, NVFP4: tl.constexpr, STEP0: tl.constexpr, NSTEPS: tl.constexpr, BIAS: tl.constexpr,
-    TAB: tl.constexpr, FUSE: tl.constexpr, UNCLIPPED: tl.constexpr, BB: tl.constexpr, NCH: tl.constexpr,
-    W: tl.constexpr, LOG_NCH: tl.constexpr,
-):  # fmt: skip
-    """The candidate index (0..NSTEPS-1) with the least error per block; the first wins a tie. UNCLIPPED: the
-    candidates above the naive scale skip the saturation, and a repeat of an earlier candidate (its scale
-    code saturated) is never kept."""
-    best_err = tl.full((BB,), float("inf"), tl.float32)
-    best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
-    for i in tl.static_range(NSTEPS):
-        t, inv = _candidate(naive, i, tab_ptr, NVFP4, STEP0, BIAS, TAB)
-        k = _e2m1_round(mag * _expand(inv), not (UNCLIPPED and STEP0 + i > 0))  # |E2M1 value|, as |decode(code)|
-        # scale_search.sse_error: t (t k.k - 2 a.k); a.k in ordered_sum order (chunks folded one element
-        # after another, chunk sums pairwise), k.k exact in any order
-        zero = tl.zeros((NCH, BB), tl.float32)
-        ak = _fold(zero, mag, k, FUSE, NCH, BB, W)
-        ak = _pairwise_last(tl.reshape(tl.permute(ak, (1, 0)), (1, BB, NCH)), 1, BB, NCH, LOG_NCH)
-        kk = tl.sum(_fold(zero, k, k, True, NCH, BB, W), axis=0)
-        err = t * (t * kk - 2.0 * tl.reshape(ak, (BB,)))
-        if UNCLIPPED and STEP0 + i > 0:
-            err = tl.where(naive + (STEP0 + i) > top, float("inf"), err)
-        better = err < best_err
-        best_err = tl.where(better, err, best_err)
-        best = tl.where(better, i, best)
-    return best
-
-
 # ---- the kernel ------------------------------------------------------------------------------------------------
 
 
@@ -217,12 +184,12 @@ def _search_loop(
 def _search_kernel(
     x_ptr, gs_ptr, tab_ptr, q_ptr, scale_ptr, rows, cols,
     BLOCK: tl.constexpr, BB: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr,
-    LOG_NCH: tl.constexpr, NVFP4: tl.constexpr, STEP0: tl.constexpr, NSTEPS: tl.constexpr,
+    LOG_NCH: tl.constexpr, LOG_W: tl.constexpr, NVFP4: tl.constexpr,
+    STEP0: tl.constexpr, NSTEPS: tl.constexpr,
     EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr,
-    FUSE: tl.constexpr, SKIP_CLAMP: tl.constexpr,
 ):  # fmt: skip
     BP: tl.constexpr = NCH * W
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # from the end: NVFP4's global-scale pass read it last
+    pid = tl.program_id(0)
     nb = cols // BLOCK
     cb = pid % nb  # column block, fastest: programs running together share rows, so writes merge in L2
     row = (pid // nb) * BB + tl.arange(0, BB)
@@ -236,23 +203,18 @@ def _search_kernel(
     x = tl.load(x_ptr + (base[None, :, None] + j), mask=mask, other=0.0).to(tl.float32)
     mag = tl.abs(x)
     gs = tl.load(gs_ptr)  # 1 for MXFP4
-    amax = tl.max(tl.max(mag, axis=2), axis=0)
-    naive = _naive(amax, gs, NVFP4, EMAX, FMAX, BIAS)
+    naive = _naive(tl.max(tl.max(mag, axis=2), axis=0), gs, NVFP4, EMAX, FMAX, BIAS)
 
-    # Candidates above the naive scale never clip (v <= 6) unless their scale code saturates, which makes
-    # them repeats of an earlier candidate; a tile whose first such candidate keeps every block's largest
-    # v within 6 (all but pathological global scales) searches them without the saturation.
-    top = BIAS if not NVFP4 else 0x7E
-    unclipped = False
-    if SKIP_CLAMP and STEP0 + NSTEPS > 1:
-        _, inv1 = _candidate(naive, 1 - STEP0, tab_ptr, NVFP4, STEP0, BIAS, TAB)
-        # inv falls as the candidates grow; a scale that underflowed to 0 (inv 0) bounds nothing above it
-        v1 = tl.where(naive + 1 > top, 0.0, amax * tl.where(inv1 == 0.0, FLT_MAX, inv1))
-        unclipped = tl.max(v1, axis=0) <= 6.0
-    if unclipped:
-        best = _search_loop(mag, naive, tab_ptr, top, NVFP4, STEP0, NSTEPS, BIAS, TAB, FUSE, True, BB, NCH, W, LOG_NCH)
-    else:
-        best = _search_loop(mag, naive, tab_ptr, top, NVFP4, STEP0, NSTEPS, BIAS, TAB, FUSE, False, BB, NCH, W, LOG_NCH)
+    best_err = tl.full((BB,), float("inf"), tl.float32)
+    best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
+    for i in range(NSTEPS):
+        t, inv = _candidate(naive, i, tab_ptr, NVFP4, STEP0, BIAS, TAB)
+        d = _e2m1_round(mag * _expand(inv)) * _expand(t)  # |Q(x)| = fl(v * t), as decode(code) * t
+        r = mag - d  # |x - Q(x)|
+        err = _pairwise_sum(r * r, NCH, BB, W, LOG_NCH, LOG_W)
+        better = err < best_err
+        best_err = tl.where(better, err, best_err)
+        best = tl.where(better, i, best)
 
     _, inv = _candidate(naive, best, tab_ptr, NVFP4, STEP0, BIAS, TAB)
     idx = _e2m1_index(mag * _expand(inv))
@@ -279,7 +241,7 @@ def _hessian_kernel(
     values; ``k H`` is one bf16 dot per part of H (k is exact in bf16). Everything per element lives in the
     dots' accumulator layout (x is moved there by a dot with the identity), so the codes feed the next dot
     without a trip through shared memory."""
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # from the end, as _search_kernel
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # from the end: the global-scale pass just read it last
     nb = cols // BLOCK
     cb = pid % nb
     row = (pid // nb) * BB + tl.arange(0, BB)
@@ -308,7 +270,7 @@ def _hessian_kernel(
     best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
     for i in tl.static_range(NSTEPS):
         t, inv = _candidate(naive, i, tab_ptr, NVFP4, STEP0, BIAS, TAB)
-        k = _e2m1_round(mag * inv[:, None])
+        k = _e2m1_round_fma(mag * inv[:, None])
         ks = (k.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # a zero code's sign: no matter
         kb = ks.to(tl.bfloat16)
         kh = _dot16(kb, h1, _dot16(kb, h2, _dot16(kb, h3, zero, EMULATE), EMULATE), EMULATE)  # smallest first
@@ -336,12 +298,11 @@ def _hessian_kernel(
 # ---- host side --------------------------------------------------------------------------------------------
 
 
-def _tiling(block_size: int) -> tuple[int, int, int]:
-    """SSE (BB, NCH, W) for a block of ``block_size`` elements: W = ``scale_search.SUM_CHUNK`` elements (at
-    most the padded block; the SSE sums them one after another), NCH chunks of them per block; narrow
-    blocks one per thread, wide ones split over threads."""
+def _tiling(block_size: int, elem_size: int) -> tuple[int, int, int]:
+    """SSE (BB, NCH, W) for a block of ``block_size`` elements: W = one 16-byte vector of the input (at most the
+    padded block), NCH chunks of it per block; narrow blocks one per thread, wide ones split over threads."""
     width = triton.next_power_of_2(block_size)
-    w = min(width, scale_search.SUM_CHUNK)
+    w = min(width, max(2, 16 // elem_size))
     rows = SEARCH_ROWS if width <= 32 else max(1, SEARCH_TILE // width)
     return rows, width // w, w
 
@@ -378,10 +339,10 @@ def _search(
         FMAX=F8_E4M3_MAX, BIAS=E8M0_BIAS, TAB=_TAB,
     )  # fmt: skip
     if hessian is None:
-        bb, nch, w = _tiling(block_size)
+        bb, nch, w = _tiling(block_size, x.element_size())
         _search_kernel[(nb * triton.cdiv(rows, bb),)](
-            x, gs, tab, q, scale, rows, cols, BLOCK=block_size, BB=bb, NCH=nch, W=w, LOG_NCH=nch.bit_length() - 1,
-            FUSE=x.element_size() < 4, SKIP_CLAMP=SKIP_CLAMP, **common,
+            x, gs, tab, q, scale, rows, cols, BLOCK=block_size, BB=bb, NCH=nch, W=w,
+            LOG_NCH=nch.bit_length() - 1, LOG_W=w.bit_length() - 1, **common,
             num_warps=SEARCH_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
     else:
