@@ -34,19 +34,19 @@ def padded_blocks(x: torch.Tensor, state) -> torch.Tensor:
 
 
 def block_errors(x: torch.Tensor, state, hessian: torch.Tensor) -> torch.Tensor:
-    """Reference per-block error r^T H_b r (scale_search.block_error) of a quantized state."""
+    """Reference per-block error r^T H_b r (scale_search.hessian_error) of a quantized state."""
     xb = padded_blocks(x, state)
     dq = dequantize(state, backend="reference").float().reshape(xb.shape[0], -1)
     dq = torch.nn.functional.pad(dq, (0, xb.shape[1] * xb.shape[2] - dq.shape[1])).reshape(xb.shape)
     h = torch.nn.functional.pad(hessian.float(), (0, xb.shape[1] * xb.shape[2] - hessian.shape[0]) * 2)
-    return scale_search.block_error(xb, dq, scale_search.hessian_blocks(h, state.block_size))
+    return scale_search.hessian_error(xb, dq, scale_search.hessian_blocks(h, state.block_size))
 
 
 def block_energy(x: torch.Tensor, state, hessian: torch.Tensor) -> torch.Tensor:
     """Per-block x^T H_b x: the size of the terms the Triton Hessian search adds up."""
     xb = padded_blocks(x, state)
     h = torch.nn.functional.pad(hessian.float(), (0, xb.shape[1] * xb.shape[2] - hessian.shape[0]) * 2)
-    return scale_search.block_error(xb, torch.zeros_like(xb), scale_search.hessian_blocks(h, state.block_size))
+    return scale_search.hessian_error(xb, torch.zeros_like(xb), scale_search.hessian_blocks(h, state.block_size))
 
 
 # The Triton Hessian search takes each candidate's error as t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x, in fp32

@@ -48,15 +48,44 @@ def test_hessian_identity_equals_sse() -> None:
     assert torch.equal(a.qdata, b.qdata) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
 
 
+def _exact_best_sse(x: torch.Tensor, scheme: str, block: int) -> torch.Tensor:
+    """Per block, the least float64 squared error over the search's candidate scales (each encoded as the
+    search encodes, x * reciprocal(t)): the optimum an exact evaluation would keep."""
+    xb = x.float().reshape(x.shape[0], -1, block)
+    amax = xb.abs().amax(-1)
+    if scheme == "nvfp4":
+        gs = reference.nvfp4_global_scale(x)
+        naive = torch.clamp(amax / 6.0 / gs, max=448.0).to(torch.float8_e4m3fn).view(torch.uint8).int()
+        bits = [torch.clamp(naive + s, 0, 0x7E) for s in scale_search.NVFP4_STEPS]
+        totals = [b.to(torch.uint8).view(torch.float8_e4m3fn).float() * gs for b in bits]
+    else:
+        naive = reference._floor_log2(amax) - 2
+        totals = [torch.exp2(torch.clamp(naive + s, -127, 127).float()) for s in scale_search.MXFP4_STEPS]
+    errs = [((xb.double() - scale_search._e2m1_roundtrip(xb, t)[1].double()) ** 2).sum(-1) for t in totals]
+    return torch.stack(errs).min(0).values
+
+
 @pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
-def test_search_never_worse_than_naive_per_block(scheme: str) -> None:
-    x = torch.randn(32, 256) ** 3  # heavy tails make clipping worth it
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sse_search_keeps_the_exact_best_up_to_fp16_rounding(scheme: str, dtype: torch.dtype) -> None:
+    """The search ranks candidates by an fp16 evaluation of their error (``sse_fp16``): its kept scales lose
+    almost nothing against an exact float64 ranking (measured: 8e-5 of the total on heavy tails, 3 % on
+    the worst block, where the error is tiny), and clearly beat the naive scale."""
+    x = (torch.randn(64, 512) ** 3).to(dtype)
     block = 16 if scheme == "nvfp4" else 32
-    naive = dequantize(quantize(x, scheme)) - x
-    sse = dequantize(quantize(x, scheme, method="sse")) - x
-    per_block = lambda r: (r.reshape(32, -1, block) ** 2).sum(-1)  # noqa: E731
-    assert torch.all(per_block(sse) <= per_block(naive) * (1 + 1e-6))
-    assert per_block(sse).sum() < per_block(naive).sum() * 0.97
+
+    def per_block(s) -> torch.Tensor:  # dequantized in fp32, not rounded back to the input dtype
+        if scheme == "nvfp4":
+            dq = reference.dequantize_nvfp4(s.qdata, s.scale, s.global_scale, block, torch.float32)
+        else:
+            dq = reference.dequantize_mxfp4(s.qdata, s.scale, block, torch.float32)
+        return ((dq.double() - x.double()) ** 2).reshape(64, -1, block).sum(-1)
+
+    got, naive = per_block(quantize(x, scheme, method="sse")), per_block(quantize(x, scheme))
+    best = _exact_best_sse(x, scheme, block)
+    assert got.sum() <= best.sum() * (1 + 1e-3)
+    assert torch.all(got <= best * (1 + 2**-4) + 1e-30)
+    assert got.sum() < naive.sum() * 0.97
 
 
 def test_hessian_cuts_output_error() -> None:

@@ -9,20 +9,24 @@ selects of a threshold search; benchmarks/results.md has the numbers).
 
 SSE (``_search_kernel``). The tile is (NCH, BB, W): each row's block is NCH chunks of W contiguous
 elements, all held by one thread for narrow blocks, so per-block work (candidate scale, its reciprocal,
-the error reduction) is done once per block. Per candidate, in registers: the dequantized values,
-``r = x - Q(x)``, the block error, the best so far; codes and the scale are written once. Codes and
-scales equal the reference bit for bit: the error ``r.r`` is summed in the reference's fixed pairwise
-order (``scale_search.pairwise_sum``) with no fused multiply-adds (``enable_fp_fusion=False``), so the
-strict ``<`` sees the same floats.
+the error reduction) is done once per block. Candidates are ranked as ``scale_search.sse_fp16`` ranks them:
+in fp16 on ``z = |x| p`` (p a power of two per block), so every per-element step is a packed two-wide
+fp16 instruction (``HMUL2``, ``HMNMX2``, ``HADD2``; the E2M1 rounding's magic number is built in both
+halves of a register at once), about half the fp32 instruction count. Codes and scales equal the
+reference bit for bit: each fp16 step rounds as PyTorch's does, the error is summed in the reference's
+halving order, with no fused multiply-adds (``enable_fp_fusion=False``), so the strict ``<`` sees the
+same values. The kept scale's codes are encoded in fp32 from the input, as the naive quantizers do.
 
 Hessian (``_hessian_kernel``). Per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` with ``k``
-the signed E2M1 values: ``k H`` on the tensor cores as three bf16 dots (k is exact in bf16; H split in
-three bf16 parts, about fp32 accuracy), everything else elementwise in the dots' accumulator layout, where
-x is brought by a dot with the identity, so the codes feed the next dot without a trip through shared
-memory. Its rounding is of the size of x^T H x, and no PyTorch reference reproduces the dots' summation
-order: where two candidates' errors lie that close the kernel may keep the other one; tests bound how
-often and by how much (``tests/_kernel_cases.check_hessian_choice``). The codes are encoded from the
-input as loaded, so they are the reference's under the kept scale.
+the signed E2M1 values: ``k H`` on the tensor cores in bf16 (k is exact in bf16; H split in three bf16
+parts, about fp32 accuracy), everything else elementwise in the dot's accumulator layout, where x is
+brought by a dot with the identity, so the codes feed the next dot without a trip through shared memory.
+For blocks up to ``HESSIAN_CAT_WIDTH`` wide the three products are one dot, ``[k | k | k | k] @ [H3; H2;
+H1; 0]``: the copies of k are the registers k already sits in, and the tensor cores chain the three
+products without a wait between them. Its rounding is of the size of x^T H x, and no PyTorch reference
+reproduces the dots' summation order: where two candidates' errors lie that close the kernel may keep the
+other one; tests bound how often and by how much (``tests/_kernel_cases.check_hessian_choice``). The codes
+are encoded from the input as loaded, so they are the reference's under the kept scale.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ SEARCH_TILE = 4096  # elements per program for wide blocks
 HESSIAN_MAX_WIDTH = 64  # widest (padded) block the Hessian kernel takes: H_b is a (64, 64) fp32 tile
 HESSIAN_ROWS = 64  # rows per Hessian program: one warpgroup's tensor-core tile (M = 64)
 HESSIAN_WARPS = 4
+HESSIAN_CAT_WIDTH = 32  # widest (padded) block whose three products take one dot (K = 4 * width)
 FLT_MAX = tl.constexpr(scale_search.FLT_MAX)
 _TAB = 256  # NVFP4 candidate table entries: every naive E4M3 code (0..0x7E) plus the steps above it
 
@@ -90,6 +95,39 @@ def _e2m1_index(y):
     yc, mb = _e2m1_magic(y)
     k = (yc + mb.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - mb
     return k + 2 * ((mb >> 23) - 149)  # 149 = 127 + 22
+
+
+HALF_MAX = tl.constexpr(65504.0)
+
+
+@triton.jit
+def _normaliser(amax):
+    """``scale_search.normaliser``: p = 2**-e and 1 / p for e = floor(log2(amax)) clamped to [-126, 126]."""
+    e = tl.minimum(tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -126), 126)
+    return ((127 - e) << 23).to(tl.float32, bitcast=True), ((127 + e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_round_half(y):
+    """``_e2m1_round`` in fp16: M = 1.5 * 2**10 * u, its bits the exponent of max(y, 1) plus 0x2600."""
+    yc = tl.minimum(y, 6.0)
+    mb = (tl.maximum(yc, 1.0).to(tl.int16, bitcast=True) & 0x7C00) + 0x2600
+    m = mb.to(tl.float16, bitcast=True)
+    return (yc + m) - m
+
+
+@triton.jit
+def _halving_sum(v, NCH: tl.constexpr, BB: tl.constexpr, W: tl.constexpr, LOG_NCH: tl.constexpr, LOG_W: tl.constexpr):
+    """(NCH, BB, W) -> (BB,) in ``scale_search.halving_sum`` order over each block's NCH * W elements (element
+    j = c W + w): element j plus element j + NCH W / 2, and again on the halves, so chunks fold first."""
+    for k in tl.static_range(LOG_NCH):
+        a, b = tl.split(tl.permute(tl.reshape(v, (2, NCH >> (k + 1), BB, W)), (1, 2, 3, 0)))
+        v = a + b
+    v = tl.reshape(v, (BB, W))
+    for k in tl.static_range(LOG_W):
+        a, b = tl.split(tl.permute(tl.reshape(v, (BB, 2, W >> (k + 1))), (0, 2, 1)))
+        v = a + b
+    return tl.reshape(v, (BB,))
 
 
 @triton.jit
@@ -203,15 +241,19 @@ def _search_kernel(
     x = tl.load(x_ptr + (base[None, :, None] + j), mask=mask, other=0.0).to(tl.float32)
     mag = tl.abs(x)
     gs = tl.load(gs_ptr)  # 1 for MXFP4
-    naive = _naive(tl.max(tl.max(mag, axis=2), axis=0), gs, NVFP4, EMAX, FMAX, BIAS)
+    amax = tl.max(tl.max(mag, axis=2), axis=0)
+    naive = _naive(amax, gs, NVFP4, EMAX, FMAX, BIAS)
 
-    best_err = tl.full((BB,), float("inf"), tl.float32)
+    p, p_inv = _normaliser(amax)
+    z = (mag * _expand(p)).to(tl.float16)
+    best_err = tl.full((BB,), float("inf"), tl.float16)
     best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
     for i in range(NSTEPS):
         t, inv = _candidate(naive, i, tab_ptr, NVFP4, STEP0, BIAS, TAB)
-        d = _e2m1_round(mag * _expand(inv)) * _expand(t)  # |Q(x)| = fl(v * t), as decode(code) * t
-        r = mag - d  # |x - Q(x)|
-        err = _pairwise_sum(r * r, NCH, BB, W, LOG_NCH, LOG_W)
+        rho = tl.minimum(inv * p_inv, HALF_MAX).to(tl.float16)
+        sig = tl.minimum(t * p, HALF_MAX).to(tl.float16)
+        r = z - _e2m1_round_half(z * _expand(rho)) * _expand(sig)
+        err = _halving_sum(r * r, NCH, BB, W, LOG_NCH, LOG_W)
         better = err < best_err
         best_err = tl.where(better, err, best_err)
         best = tl.where(better, i, best)
@@ -235,7 +277,7 @@ def _hessian_kernel(
     x_ptr, h_ptr, gs_ptr, tab_ptr, q_ptr, scale_ptr, rows, cols,
     BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, NVFP4: tl.constexpr, STEP0: tl.constexpr,
     NSTEPS: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr,
-    SPLIT_X: tl.constexpr, EMULATE: tl.constexpr,
+    SPLIT_X: tl.constexpr, EMULATE: tl.constexpr, CAT: tl.constexpr,
 ):  # fmt: skip
     """Hessian search: per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` with ``k`` the signed E2M1
     values; ``k H`` is one bf16 dot per part of H (k is exact in bf16). Everything per element lives in the
@@ -262,9 +304,19 @@ def _hessian_kernel(
     sign = x.to(tl.uint32, bitcast=True) & 0x80000000
     gs = tl.load(gs_ptr)  # 1 for MXFP4
     naive = _naive(tl.max(mag, axis=1), gs, NVFP4, EMAX, FMAX, BIAS)
-    h_mask = (col[:, None] < BLOCK) & (col[None, :] < BLOCK)
-    h = tl.load(h_ptr + cb * (BLOCK * BLOCK) + col[:, None] * BLOCK + col[None, :], mask=h_mask, other=0.0)
-    h1, h2, h3 = _bf16_split(h)
+    if CAT:  # B = [h3; h2; h1; 0] (4 BP, BP) against A = [k | k | k | k]: one dot sums the three products
+        hrow = tl.arange(0, 4 * BP)
+        part = hrow[:, None] // BP
+        r_ = hrow[:, None] % BP
+        h_mask = (r_ < BLOCK) & (col[None, :] < BLOCK) & (part < 3)
+        h = tl.load(h_ptr + cb * (BLOCK * BLOCK) + r_ * BLOCK + col[None, :], mask=h_mask, other=0.0)
+        h1, h2, h3 = _bf16_split(h)
+        hcat = tl.where(part == 0, h3, tl.where(part == 1, h2, h1))  # smallest first, as the chained dots
+    else:
+        h_mask = (col[:, None] < BLOCK) & (col[None, :] < BLOCK)
+        h = tl.load(h_ptr + cb * (BLOCK * BLOCK) + col[:, None] * BLOCK + col[None, :], mask=h_mask, other=0.0)
+        h1, h2, h3 = _bf16_split(h)
+    x2 = 2.0 * x
 
     best_err = tl.full((BB,), float("inf"), tl.float32)
     best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
@@ -273,8 +325,13 @@ def _hessian_kernel(
         k = _e2m1_round_fma(mag * inv[:, None])
         ks = (k.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # a zero code's sign: no matter
         kb = ks.to(tl.bfloat16)
-        kh = _dot16(kb, h1, _dot16(kb, h2, _dot16(kb, h3, zero, EMULATE), EMULATE), EMULATE)  # smallest first
-        err = t * tl.sum(kh * (t[:, None] * ks - 2.0 * x), axis=1)
+        if CAT:
+            k2 = tl.join(kb, kb)
+            k4 = tl.reshape(tl.permute(tl.join(k2, k2), (0, 2, 3, 1)), (BB, 4 * BP))
+            kh = _dot16(k4, hcat, zero, EMULATE)
+        else:
+            kh = _dot16(kb, h1, _dot16(kb, h2, _dot16(kb, h3, zero, EMULATE), EMULATE), EMULATE)  # smallest first
+        err = t * tl.sum(kh * (t[:, None] * ks - x2), axis=1)
         better = err < best_err
         best_err = tl.where(better, err, best_err)
         best = tl.where(better, i, best)
@@ -349,7 +406,7 @@ def _search(
         h = hessian.to(device=x.device, dtype=torch.float32).contiguous()
         _hessian_kernel[(nb * triton.cdiv(rows, HESSIAN_ROWS),)](
             x, h, gs, tab, q, scale, rows, cols, BLOCK=block_size, BB=HESSIAN_ROWS, BP=max(width, 16),
-            SPLIT_X=x.dtype == torch.float32, EMULATE=x.device.type != "cuda", **common, num_warps=HESSIAN_WARPS,
+            SPLIT_X=x.dtype == torch.float32, EMULATE=x.device.type != "cuda", CAT=width <= HESSIAN_CAT_WIDTH, **common, num_warps=HESSIAN_WARPS,
         )  # fmt: skip
     return q, scale
 
