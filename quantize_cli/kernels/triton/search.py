@@ -406,7 +406,8 @@ def _search(
         h = hessian.to(device=x.device, dtype=torch.float32).contiguous()
         _hessian_kernel[(nb * triton.cdiv(rows, HESSIAN_ROWS),)](
             x, h, gs, tab, q, scale, rows, cols, BLOCK=block_size, BB=HESSIAN_ROWS, BP=max(width, 16),
-            SPLIT_X=x.dtype == torch.float32, EMULATE=x.device.type != "cuda", CAT=width <= HESSIAN_CAT_WIDTH, **common, num_warps=HESSIAN_WARPS,
+            SPLIT_X=x.dtype == torch.float32, EMULATE=x.device.type != "cuda", CAT=width <= HESSIAN_CAT_WIDTH,
+            **common, num_warps=HESSIAN_WARPS,
         )  # fmt: skip
     return q, scale
 
