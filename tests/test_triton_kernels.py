@@ -345,15 +345,21 @@ SEARCHES = [("nvfp4", "sse"), ("nvfp4", "hessian"), ("mxfp4", "sse"), ("mxfp4", 
 def _e2m1_round_kernel(y_ptr, v_ptr, idx_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     y = tl.load(y_ptr + offs, mask=offs < n, other=0.0)
-    v = search._e2m1_round(y)
-    tl.store(v_ptr + offs, v, mask=offs < n)
+    tl.store(v_ptr + offs, search._e2m1_round_fma(y), mask=offs < n)
     tl.store(idx_ptr + offs, search._e2m1_index(y), mask=offs < n)
 
 
+@triton.jit
+def _e2m1_round_half_kernel(y_ptr, v_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(y_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(v_ptr + offs, search._e2m1_round_half(y), mask=offs < n)
+
+
 def test_search_e2m1_rounding_equals_the_encoder() -> None:
-    """The search kernels' magic-number E2M1 rounding (and its index) equals e2m1_encode / e2m1_decode on
-    every decision bound and grid value with 200 fp32 neighbours each side, on saturating and huge
-    values, subnormals and a uniform sweep of [0, 8)."""
+    """The Hessian kernel's fp32 magic-number E2M1 rounding (and the index both kernels encode with) equals
+    e2m1_encode / e2m1_decode on every decision bound and grid value with 200 fp32 neighbours each side, on
+    saturating and huge values, subnormals and a uniform sweep of [0, 8)."""
     points = torch.tensor([*E2M1_BOUNDS, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 1e30])
     near = [points]
     up, down = points.clone(), points.clone()
@@ -366,6 +372,15 @@ def test_search_e2m1_rounding_equals_the_encoder() -> None:
     _e2m1_round_kernel[(triton.cdiv(y.numel(), 4096),)](y, v, idx, y.numel(), BLOCK=4096)
     codes = reference.e2m1_encode(y)
     assert torch.equal(v, reference.e2m1_decode(codes)) and torch.equal(idx, codes.to(torch.int32))
+
+
+def test_search_fp16_e2m1_rounding_equals_the_encoder_on_every_fp16() -> None:
+    """The SSE kernel's packed-fp16 rounding equals e2m1_decode(e2m1_encode(y)) on every non-negative fp16
+    value, subnormals and infinity included (all 31,745 of them)."""
+    y = torch.arange(0, 0x7C01, dtype=torch.int16).view(torch.float16).to(DEVICE)
+    v = torch.empty_like(y)
+    _e2m1_round_half_kernel[(triton.cdiv(y.numel(), 4096),)](y, v, y.numel(), BLOCK=4096)
+    assert torch.equal(v.float(), reference.e2m1_decode(reference.e2m1_encode(y.float())))
 
 
 @pytest.mark.parametrize(("scheme", "method"), SEARCHES, ids=lambda v: v)

@@ -4,8 +4,8 @@
 A program takes ``BB`` rows of one column block. Every candidate is encoded as the reference does,
 ``e2m1(|x| * (1 / t))`` with ``1 / t`` rounded once per block (NVFP4 reads ``t`` and ``1 / t`` of every
 E4M3 code from a per-tensor table, ``_table_kernel``), rounded to the E2M1 grid with a magic-number
-addition (``_e2m1_round``: fp32 adds and multiplies, which issue at twice the rate of the compares and
-selects of a threshold search; benchmarks/results.md has the numbers).
+addition (``_e2m1_round_half``, ``_e2m1_round_fma``: adds and multiplies, which issue at twice the rate of
+the compares and selects of a threshold search; benchmarks/results.md has the numbers).
 
 SSE (``_search_kernel``). The tile is (NCH, BB, W): each row's block is NCH chunks of W contiguous
 elements, all held by one thread for narrow blocks, so per-block work (candidate scale, its reciprocal,
@@ -79,16 +79,6 @@ def _e2m1_magic(y):
 
 
 @triton.jit
-def _e2m1_round(y):
-    """The E2M1 magnitude nearest to y >= 0, ties to even, saturating at 6 (= e2m1_decode(e2m1_encode(y))).
-    y + M lies in a binade whose fp32 ulp is u, so the add itself rounds y to a multiple of u, ties to an
-    even multiple (M / u is even), which is E2M1's even mantissa; subtracting M is exact."""
-    yc, mb = _e2m1_magic(y)
-    m = mb.to(tl.float32, bitcast=True)
-    return (yc + m) - m
-
-
-@triton.jit
 def _e2m1_index(y):
     """The E2M1 index 0..7 of y >= 0 (= e2m1_encode(y)): y + M = M + k u, so the bits of the sum minus
     M's count k, and the index is k + 2 e (u = 2**(e - 1))."""
@@ -109,7 +99,11 @@ def _normaliser(amax):
 
 @triton.jit
 def _e2m1_round_half(y):
-    """``_e2m1_round`` in fp16: M = 1.5 * 2**10 * u, its bits the exponent of max(y, 1) plus 0x2600."""
+    """The E2M1 magnitude nearest to fp16 y >= 0, ties to even, saturating at 6: y + M with M = 1.5 * 2**10 * u
+    (u the grid spacing at y: 0.5 below 2, 1 in [2, 4), 2 in [4, 6]) lies in a binade whose fp16 ulp is u,
+    so the add rounds y to a multiple of u, ties to an even one (M / u is even), E2M1's even mantissa;
+    subtracting M is exact. M's bits: the exponent bits of max(y, 1) plus 0x2600 (exponent + 9, fraction
+    0.5). Packed fp16 pairs make this one min, one max, one and, one add and two adds per two elements."""
     yc = tl.minimum(y, 6.0)
     mb = (tl.maximum(yc, 1.0).to(tl.int16, bitcast=True) & 0x7C00) + 0x2600
     m = mb.to(tl.float16, bitcast=True)
@@ -131,29 +125,10 @@ def _halving_sum(v, NCH: tl.constexpr, BB: tl.constexpr, W: tl.constexpr, LOG_NC
 
 
 @triton.jit
-def _pairwise_last(v, LEAD: tl.constexpr, BB: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
-    """(LEAD, BB, N) -> (LEAD, BB): adjacent pairs summed, then pairs of pairs (N = 2**LOG_N)."""
-    for k in tl.static_range(LOG_N):
-        a, b = tl.split(tl.reshape(v, (LEAD, BB, N >> (k + 1), 2)))
-        v = a + b
-    return tl.reshape(v, (LEAD, BB))
-
-
-@triton.jit
-def _pairwise_sum(v, NCH: tl.constexpr, BB: tl.constexpr, W: tl.constexpr, LOG_NCH: tl.constexpr, LOG_W: tl.constexpr):
-    """(NCH, BB, W) -> (BB,) in ``scale_search.pairwise_sum`` order over each block's NCH * W elements:
-    within chunks first (adjacent pairs), then the chunk sums, adjacent pairs again."""
-    v = _pairwise_last(v, NCH, BB, W, LOG_W)
-    v = tl.reshape(tl.permute(v, (1, 0)), (1, BB, NCH))
-    return tl.reshape(_pairwise_last(v, 1, BB, NCH, LOG_NCH), (BB,))
-
-
-@triton.jit
 def _e2m1_round_fma(y):
-    """``_e2m1_round`` with its magic add and subtract as two FMAs (the Hessian kernel's form; the SSE kernel
-    keeps the form it was tuned and measured with): with p = 2**e, the exponent bits of max(min(y, 6), 1),
-    M = 1.5 * 2**22 * p is the same magic number, and p * 1.5 * 2**22 is exact, so each FMA rounds once, as
-    the add would."""
+    """fp32 ``_e2m1_round_half`` with the magic add and subtract as two FMAs: with p = 2**e, the exponent bits
+    of max(min(y, 6), 1), M = 1.5 * 2**22 * p has fp32 ulp u = p / 2, and p * 1.5 * 2**22 is exact, so each FMA
+    rounds once, as an add would."""
     y = tl.minimum(y, 6.0)
     p = (tl.maximum(y, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
     return tl.fma(p, -6291456.0, tl.fma(p, 6291456.0, y))  # 1.5 * 2**22
