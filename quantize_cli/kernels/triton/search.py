@@ -255,7 +255,8 @@ def _hessian_kernel(
     SPLIT_X: tl.constexpr, EMULATE: tl.constexpr, CAT: tl.constexpr,
 ):  # fmt: skip
     """Hessian search: per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` with ``k`` the signed E2M1
-    values; ``k H`` is one bf16 dot per part of H (k is exact in bf16). Everything per element lives in the
+    values; ``k H`` is one bf16 dot per part of H (k is exact in bf16), or with CAT one dot of four copies of k
+    against the parts stacked (the fourth zero), so the tensor cores chain them. Everything per element lives in the
     dots' accumulator layout (x is moved there by a dot with the identity), so the codes feed the next dot
     without a trip through shared memory."""
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # from the end: the global-scale pass just read it last
