@@ -37,7 +37,7 @@ NVFP4_STEPS: tuple[int, ...] = tuple(range(-4, 8))
 MXFP4_STEPS: tuple[int, ...] = (-1, 0, 1)
 _E4M3_MAX_BITS = 0x7E  # 448; 0x7F is NaN
 FLT_MAX = float(torch.finfo(torch.float32).max)
-_HALF_MAX = float(torch.finfo(torch.float16).max)
+HALF_MAX = float(torch.finfo(torch.float16).max)
 
 
 def hessian_blocks(hessian: Tensor, block_size: int) -> Tensor:
@@ -79,8 +79,8 @@ def sse_fp16(xb: Tensor, total: Tensor) -> Tensor:
     mag = xb.abs()
     p, p_inv = normaliser(mag.amax(dim=-1))
     z = (mag * p.unsqueeze(-1)).half()
-    rho = torch.clamp(reciprocal(total) * p_inv, max=_HALF_MAX).half().unsqueeze(-1)
-    sigma = torch.clamp(total * p, max=_HALF_MAX).half().unsqueeze(-1)
+    rho = torch.clamp(reciprocal(total) * p_inv, max=HALF_MAX).half().unsqueeze(-1)
+    sigma = torch.clamp(total * p, max=HALF_MAX).half().unsqueeze(-1)
     y = (z * rho).float()  # exact: every fp16 value is an fp32 value
     q = e2m1_decode(e2m1_encode(y)).half()
     r = z - q * sigma

@@ -87,7 +87,7 @@ def _e2m1_index(y):
     return k + 2 * ((mb >> 23) - 149)  # 149 = 127 + 22
 
 
-HALF_MAX = tl.constexpr(65504.0)
+HALF_MAX = tl.constexpr(scale_search.HALF_MAX)
 
 
 @triton.jit
