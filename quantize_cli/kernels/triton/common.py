@@ -318,6 +318,35 @@ def bucket_rows16(bounds: torch.Tensor, order: torch.Tensor, keys: torch.Tensor,
     return (bound.view(torch.int32).long() & 0xFFFFFFFF) | (codes << 32)
 
 
+# ---- E2M1 by arithmetic -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def e2m1_magic(y):
+    """y clamped to 6, and the bits of M = 1.5 * 2**23 * u for E2M1's grid spacing u at y: u = 0.5 below 2,
+    1 in [2, 4), 2 in [4, 6], i.e. 2**(e - 1) with e = floor(log2(max(y, 1))); M's bits are the exponent
+    of max(y, 1) raised by 22 with fraction 0.5 (0x0B400000 added)."""
+    yc = tl.minimum(y, 6.0)
+    return yc, (tl.maximum(yc, 1.0).to(tl.int32, bitcast=True) & 0x7F800000) + 0x0B400000
+
+
+@triton.jit
+def e2m1_index(y):
+    """The E2M1 index 0..7 of y >= 0 (= e2m1_encode(y)): y + M = M + k u, so the bits of the sum minus
+    M's count k, and the index is k + 2 e (u = 2**(e - 1))."""
+    yc, mb = e2m1_magic(y)
+    k = (yc + mb.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - mb
+    return k + 2 * ((mb >> 23) - 149)  # 149 = 127 + 22
+
+
+@triton.jit
+def e2m1_code(v):
+    """``reference.e2m1_encode`` of fp32 v by arithmetic (``e2m1_index``): sign bit only for a non-zero
+    magnitude. NaN is not an input (the quantizers' tests have none)."""
+    idx = e2m1_index(tl.abs(v))
+    return tl.where((v < 0.0) & (idx > 0), idx + 8, idx)
+
+
 # ---- E2M1 by bucket lookup ----------------------------------------------------------------------------------
 
 # v > b over the sorted bounds of both signs: positive ones are the strict thresholds above; a negative v

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .. import scale_search
 from ..constants import E2M1_EMAX, E8M0_BIAS, F4_E2M1_MAX, F8_E4M3_MAX
-from .common import MAX_WIDTH, check_2d, e4m3_decode, e4m3_encode
+from .common import MAX_WIDTH, check_2d, e2m1_index, e4m3_decode, e4m3_encode
 
 Tensor = torch.Tensor
 
@@ -69,24 +69,6 @@ def _reciprocal(t):
     return tl.where(zero, 0.0, tl.minimum(inv, FLT_MAX))
 
 
-@triton.jit
-def _e2m1_magic(y):
-    """y clamped to 6, and the bits of M = 1.5 * 2**23 * u for E2M1's grid spacing u at y: u = 0.5 below 2,
-    1 in [2, 4), 2 in [4, 6], i.e. 2**(e - 1) with e = floor(log2(max(y, 1))); M's bits are the exponent
-    of max(y, 1) raised by 22 with fraction 0.5 (0x0B400000 added)."""
-    yc = tl.minimum(y, 6.0)
-    return yc, (tl.maximum(yc, 1.0).to(tl.int32, bitcast=True) & 0x7F800000) + 0x0B400000
-
-
-@triton.jit
-def _e2m1_index(y):
-    """The E2M1 index 0..7 of y >= 0 (= e2m1_encode(y)): y + M = M + k u, so the bits of the sum minus
-    M's count k, and the index is k + 2 e (u = 2**(e - 1))."""
-    yc, mb = _e2m1_magic(y)
-    k = (yc + mb.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - mb
-    return k + 2 * ((mb >> 23) - 149)  # 149 = 127 + 22
-
-
 HALF_MAX = tl.constexpr(scale_search.HALF_MAX)
 
 
@@ -104,8 +86,9 @@ def _e2m1_round_half(y):
     so the add rounds y to a multiple of u, ties to an even one (M / u is even), E2M1's even mantissa;
     subtracting M is exact. M's bits: the exponent bits of max(y, 1) plus 0x2600 (exponent + 9, fraction
     0.5). Packed fp16 pairs make this one min, one max, one and, one add and two adds per two elements."""
-    yc = tl.minimum(y, 6.0)
-    mb = (tl.maximum(yc, 1.0).to(tl.int16, bitcast=True) & 0x7C00) + 0x2600
+    yc = tl.minimum(y, tl.full(y.shape, 6.0, tl.float16))  # typed constants: Triton before 3.9 would widen
+    mb = tl.maximum(yc, tl.full(y.shape, 1.0, tl.float16)).to(tl.int16, bitcast=True)
+    mb = (mb & tl.full(y.shape, 0x7C00, tl.int16)) + tl.full(y.shape, 0x2600, tl.int16)
     m = mb.to(tl.float16, bitcast=True)
     return (yc + m) - m
 
@@ -234,7 +217,7 @@ def _search_kernel(
         best = tl.where(better, i, best)
 
     _, inv = _candidate(naive, best, tab_ptr, NVFP4, STEP0, BIAS, TAB)
-    idx = _e2m1_index(mag * _expand(inv))
+    idx = e2m1_index(mag * _expand(inv))
     codes = tl.where((x < 0.0) & (idx > 0), idx + 8, idx)
     hi, lo = tl.split(tl.reshape(codes, (NCH, BB, W // 2, 2)))
     jq = tl.arange(0, NCH)[:, None, None] * (W // 2) + tl.arange(0, W // 2)[None, None, :]
@@ -315,7 +298,7 @@ def _hessian_kernel(
     # the codes from the input as loaded (exact for every dtype), under the kept scale
     xe = x_in.to(tl.float32)
     _, inv = _candidate(naive, best, tab_ptr, NVFP4, STEP0, BIAS, TAB)
-    idx = _e2m1_index(tl.abs(xe) * inv[:, None])
+    idx = e2m1_index(tl.abs(xe) * inv[:, None])
     codes = tl.where((xe < 0.0) & (idx > 0), idx + 8, idx)
     hi, lo = tl.split(tl.reshape(codes, (BB, BP // 2, 2)))
     jq = tl.arange(0, BP // 2)
