@@ -20,6 +20,7 @@ import torch
 
 from quantize_cli import dequantize, quantize
 from quantize_cli.calibration import CalibrationSettings, CalibrationStats, calibrate
+from quantize_cli.kernels import scale_search
 from quantize_cli.pipeline.source import SourceReader, resolve_source
 
 METHODS = ("naive", "sse", "hessian")
@@ -94,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--stats", default=None, help="reuse a calibration file")
     p.add_argument("--json", default=None)
+    p.add_argument("--sse-steps", default=None, help="NVFP4 SSE candidate window LO:HI (E4M3 steps, HI excluded)")
+    p.add_argument("--hessian-steps", default=None, help="NVFP4 Hessian candidate window LO:HI, as --sse-steps")
     args = p.parse_args(argv)
+    for flag, name in [(args.sse_steps, "NVFP4_STEPS"), (args.hessian_steps, "NVFP4_HESSIAN_STEPS")]:
+        if flag:  # the reference search reads the module's windows (what the default windows were chosen by)
+            lo, hi = (int(v) for v in flag.split(":"))
+            setattr(scale_search, name, tuple(range(lo, hi)))
     if args.model is None:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from _models import smollm2_dir  # noqa: PLC0415

@@ -13,7 +13,7 @@ def _brute_force_nvfp4(x: torch.Tensor, gs: float, h: torch.Tensor | None) -> li
     for block in x.reshape(-1, 16).double():
         naive = torch.tensor(min(block.abs().max().item() / 6 / gs, 448.0)).to(torch.float8_e4m3fn)
         best = None
-        for step in scale_search.NVFP4_STEPS:
+        for step in scale_search.NVFP4_STEPS if h is None else scale_search.NVFP4_HESSIAN_STEPS:
             bits = min(max(int(naive.view(torch.uint8)) + step, 0), 0x7E)
             s = torch.tensor(bits, dtype=torch.uint8).view(torch.float8_e4m3fn).double().item() * gs
             q = reference.e2m1_decode(reference.e2m1_encode((block / s).float() if s else block.float() * 0))

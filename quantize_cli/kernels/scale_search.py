@@ -31,9 +31,13 @@ from .reference import _blocks, _div, _floor_log2, _safe_div, e2m1_decode, e2m1_
 Tensor = torch.Tensor
 
 # Candidate scales, in steps of the scale format's grid around the naive scale. E4M3 has 8 steps per
-# octave, so -4..+7 spans about 0.7x to 1.8x of amax / 6 (the upper side pays off on weights that
-# already sit on a coarse grid, such as ones converted from GGUF); E8M0 steps are whole octaves.
-NVFP4_STEPS: tuple[int, ...] = tuple(range(-4, 8))
+# octave, so the SSE's -2..+6 spans about 0.8x to 1.75x of amax / 6. The upper side pays off often: a
+# larger scale that puts the block's outlier between grid points can serve its other values better. The
+# Hessian search also takes -4 and -3 (clipping an outlier pays where H weighs it little). Each candidate
+# costs its share of the search time; a step was kept where dropping it showed in the errors of
+# benchmarks/calibrated_methods.py (benchmarks/results.md has the windows tried). E8M0 steps are octaves.
+NVFP4_STEPS: tuple[int, ...] = tuple(range(-2, 7))
+NVFP4_HESSIAN_STEPS: tuple[int, ...] = tuple(range(-4, 7))
 MXFP4_STEPS: tuple[int, ...] = (-1, 0, 1)
 _E4M3_MAX_BITS = 0x7E  # 448; 0x7F is NaN
 FLT_MAX = float(torch.finfo(torch.float32).max)
@@ -69,22 +73,35 @@ def normaliser(amax: Tensor) -> tuple[Tensor, Tensor]:
     return ((127 - e) << 23).view(torch.float32), ((127 + e) << 23).view(torch.float32)
 
 
-def sse_fp16(xb: Tensor, total: Tensor) -> Tensor:
-    """Squared error of blocks ``xb`` (rows, nb, B) under per-block scales ``total``, evaluated in fp16 on
-    ``z = |x| * p`` (``normaliser``), as the Triton search does with packed fp16 arithmetic (twice the fp32
-    rate): ``y = z * rho``, ``r = z - e2m1(y) * sigma`` with ``rho = reciprocal(t) / p`` and ``sigma = t * p``
-    rounded to fp16 (at most 65504), then ``halving_sum(r * r)`` in fp16. Only which candidate wins is
-    taken from it: the stored codes are encoded in fp32, as the naive quantizers do. Every step is one fp16
-    operation, and PyTorch rounds those as the GPU does, so reference and kernel pick the same scales."""
+def _fp16_grid(xb: Tensor, total: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The ranking's fp16 operands for blocks ``xb`` (rows, nb, B) under per-block scales ``total``:
+    ``z = |x| * p`` (``normaliser``), the E2M1 magnitudes ``q = e2m1(z * rho)`` with ``rho = reciprocal(t) / p``,
+    and ``sigma = t * p`` (rho and sigma rounded to fp16, at most 65504)."""
     mag = xb.abs()
     p, p_inv = normaliser(mag.amax(dim=-1))
     z = (mag * p.unsqueeze(-1)).half()
     rho = torch.clamp(reciprocal(total) * p_inv, max=HALF_MAX).half().unsqueeze(-1)
     sigma = torch.clamp(total * p, max=HALF_MAX).half().unsqueeze(-1)
     y = (z * rho).float()  # exact: every fp16 value is an fp32 value
-    q = e2m1_decode(e2m1_encode(y)).half()
+    return z, e2m1_decode(e2m1_encode(y)).half(), sigma
+
+
+def sse_fp16(xb: Tensor, total: Tensor) -> Tensor:
+    """Squared error of blocks ``xb`` (rows, nb, B) under per-block scales ``total``, evaluated in fp16 as
+    the Triton search does with packed fp16 arithmetic (twice the fp32 rate): ``r = z - q * sigma``
+    (``_fp16_grid``), then ``halving_sum(r * r)`` in fp16. Only which candidate wins is taken from it: the
+    stored codes are encoded in fp32, as the naive quantizers do. Every step is one fp16 operation, and
+    PyTorch rounds those as the GPU does, so reference and kernel pick the same scales."""
+    z, q, sigma = _fp16_grid(xb, total)
     r = z - q * sigma
     return halving_sum(r * r)
+
+
+def hessian_fp16(xb: Tensor, total: Tensor, hessian: Tensor) -> Tensor:
+    """Per-block error r^T H_b r of blocks ``xb`` under per-block scales ``total``, with the codes of the SSE
+    ranking (``_fp16_grid``: computed in packed fp16 on the GPU), r = x - sign(x) q t."""
+    _, q, _ = _fp16_grid(xb, total)
+    return hessian_error(xb, torch.copysign(q.float(), xb) * total.unsqueeze(-1), hessian)
 
 
 def hessian_error(xb: Tensor, dq: Tensor, hessian: Tensor) -> Tensor:
@@ -107,15 +124,15 @@ def _e2m1_roundtrip(xb: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _candidate_error(xb: Tensor, total: Tensor, hessian: Tensor | None) -> Tensor:
-    """One candidate's per-block error: ``sse_fp16``, or r^T H_b r of its round trip."""
+    """One candidate's per-block error: ``sse_fp16`` or ``hessian_fp16``."""
     if hessian is None:
         return sse_fp16(xb, total)
-    return hessian_error(xb, _e2m1_roundtrip(xb, total)[1], hessian)
+    return hessian_fp16(xb, total, hessian)
 
 
 def search_nvfp4(x: Tensor, block_size: int, global_scale: Tensor, hessian: Tensor | None) -> tuple[Tensor, Tensor]:
     """NVFP4 with searched E4M3 block scales. Returns (packed codes, float8_e4m3fn scales) like
-    ``reference.quantize_nvfp4``; the first candidate wins a tie, so ``NVFP4_STEPS`` order matters."""
+    ``reference.quantize_nvfp4``; the first candidate wins a tie, so the steps' order matters."""
     xb = _blocks(x, block_size)
     gs = global_scale.to(device=x.device, dtype=torch.float32)  # a CPU 0-d tensor would divide as a scalar
     # the naive scale exactly as reference.quantize_nvfp4 computes it (true divisions on every device)
@@ -123,7 +140,7 @@ def search_nvfp4(x: Tensor, block_size: int, global_scale: Tensor, hessian: Tens
     naive_bits = naive.view(torch.uint8).to(torch.int32)
     best_err = torch.full(naive.shape, float("inf"), device=x.device)
     best_bits = naive_bits.clone()
-    for step in NVFP4_STEPS:
+    for step in NVFP4_STEPS if hessian is None else NVFP4_HESSIAN_STEPS:
         bits = torch.clamp(naive_bits + step, 0, _E4M3_MAX_BITS)
         scale = bits.to(torch.uint8).view(torch.float8_e4m3fn).float()
         err = _candidate_error(xb, scale * gs, hessian)

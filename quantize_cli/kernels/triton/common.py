@@ -339,14 +339,6 @@ def e2m1_index(y):
     return k + 2 * ((mb >> 23) - 149)  # 149 = 127 + 22
 
 
-@triton.jit
-def e2m1_code(v):
-    """``reference.e2m1_encode`` of fp32 v by arithmetic (``e2m1_index``): sign bit only for a non-zero
-    magnitude. NaN is not an input (the quantizers' tests have none)."""
-    idx = e2m1_index(tl.abs(v))
-    return tl.where((v < 0.0) & (idx > 0), idx + 8, idx)
-
-
 # ---- E2M1 by bucket lookup ----------------------------------------------------------------------------------
 
 # v > b over the sorted bounds of both signs: positive ones are the strict thresholds above; a negative v

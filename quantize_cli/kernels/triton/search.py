@@ -1,32 +1,30 @@
 """Triton NVFP4/MXFP4 block-scale searches: the signatures of ``scale_search.search_nvfp4`` and
 ``scale_search.search_mxfp4`` (SSE when ``hessian`` is None, else r^T H_b r).
 
-A program takes ``BB`` rows of one column block. Every candidate is encoded as the reference does,
-``e2m1(|x| * (1 / t))`` with ``1 / t`` rounded once per block (NVFP4 reads ``t`` and ``1 / t`` of every
-E4M3 code from a per-tensor table, ``_table_kernel``), rounded to the E2M1 grid with a magic-number
-addition (``_e2m1_round_half``, ``_e2m1_round_fma``: adds and multiplies, which issue at twice the rate of
-the compares and selects of a threshold search; benchmarks/results.md has the numbers).
+A program takes ``BB`` rows of one column block. Candidates are ranked as ``scale_search`` ranks them,
+on codes computed in fp16 from ``z = |x| p`` (p a power of two per block) and ``rho = (1 / t) / p``
+(``1 / t`` rounded once; NVFP4 reads ``t`` and ``1 / t`` of every E4M3 code from a per-tensor table,
+``_table_kernel``), rounded to the E2M1 grid with a magic-number addition (``_e2m1_round_half``: adds
+and min / max, no compares and selects, built in both halves of a register at once). Every such step is
+a packed two-wide fp16 instruction (``HMUL2``, ``HMNMX2``, ``HADD2``), about half the fp32 instruction
+count, and rounds as PyTorch's fp16 operations do, so the codes are the reference's bit for bit. The
+kept scale's codes are encoded in fp32 from the input, as the naive quantizers do.
 
 SSE (``_search_kernel``). The tile is (NCH, BB, W): each row's block is NCH chunks of W contiguous
 elements, all held by one thread for narrow blocks, so per-block work (candidate scale, its reciprocal,
-the error reduction) is done once per block. Candidates are ranked as ``scale_search.sse_fp16`` ranks them:
-in fp16 on ``z = |x| p`` (p a power of two per block), so every per-element step is a packed two-wide
-fp16 instruction (``HMUL2``, ``HMNMX2``, ``HADD2``; the E2M1 rounding's magic number is built in both
-halves of a register at once), about half the fp32 instruction count. Codes and scales equal the
-reference bit for bit: each fp16 step rounds as PyTorch's does, the error is summed in the reference's
-halving order, with no fused multiply-adds (``enable_fp_fusion=False``), so the strict ``<`` sees the
-same values. The kept scale's codes are encoded in fp32 from the input, as the naive quantizers do.
+the error reduction) is done once per block. The squared error is ``scale_search.sse_fp16``'s, in fp16
+too, summed in its halving order with no fused multiply-adds (``enable_fp_fusion=False``), so the strict
+``<`` sees the reference's values and the scales equal its bit for bit.
 
 Hessian (``_hessian_kernel``). Per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` with ``k``
-the signed E2M1 values: ``k H`` on the tensor cores in bf16 (k is exact in bf16; H split in three bf16
-parts, about fp32 accuracy), everything else elementwise in the dot's accumulator layout, where x is
+the signed fp16 ranking codes (``scale_search.hessian_fp16``): ``k H`` on the tensor cores in fp16, two
+chained dots against H scaled by a power of two per block and split in two fp16 parts (about 2**-22
+relative accuracy; k is exact in fp16), everything else in the dot's accumulator layout, where x is
 brought by a dot with the identity, so the codes feed the next dot without a trip through shared memory.
-For blocks up to ``HESSIAN_CAT_WIDTH`` wide the three products are one dot, ``[k | k | k | k] @ [H3; H2;
-H1; 0]``: the copies of k are the registers k already sits in, and the tensor cores chain the three
-products without a wait between them. Its rounding is of the size of x^T H x, and no PyTorch reference
-reproduces the dots' summation order: where two candidates' errors lie that close the kernel may keep the
-other one; tests bound how often and by how much (``tests/_kernel_cases.check_hessian_choice``). The codes
-are encoded from the input as loaded, so they are the reference's under the kept scale.
+Its rounding is of the size of x^T H x, and no PyTorch reference reproduces the dots' summation order:
+where two candidates' errors lie that close the kernel may keep the other one; tests bound how often
+and by how much (``tests/_kernel_cases.check_hessian_choice``). The codes are encoded from the input as
+loaded, so they are the reference's under the kept scale.
 """
 
 from __future__ import annotations
@@ -47,7 +45,6 @@ SEARCH_TILE = 4096  # elements per program for wide blocks
 HESSIAN_MAX_WIDTH = 64  # widest (padded) block the Hessian kernel takes: H_b is a (64, 64) fp32 tile
 HESSIAN_ROWS = 64  # rows per Hessian program: one warpgroup's tensor-core tile (M = 64)
 HESSIAN_WARPS = 4
-HESSIAN_CAT_WIDTH = 32  # widest (padded) block whose three products take one dot (K = 4 * width)
 FLT_MAX = tl.constexpr(scale_search.FLT_MAX)
 _TAB = 256  # NVFP4 candidate table entries: every naive E4M3 code (0..0x7E) plus the steps above it
 
@@ -105,16 +102,6 @@ def _halving_sum(v, NCH: tl.constexpr, BB: tl.constexpr, W: tl.constexpr, LOG_NC
         a, b = tl.split(tl.permute(tl.reshape(v, (BB, 2, W >> (k + 1))), (0, 2, 1)))
         v = a + b
     return tl.reshape(v, (BB,))
-
-
-@triton.jit
-def _e2m1_round_fma(y):
-    """fp32 ``_e2m1_round_half`` with the magic add and subtract as two FMAs: with p = 2**e, the exponent bits
-    of max(min(y, 6), 1), M = 1.5 * 2**22 * p has fp32 ulp u = p / 2, and p * 1.5 * 2**22 is exact, so each FMA
-    rounds once, as an add would."""
-    y = tl.minimum(y, 6.0)
-    p = (tl.maximum(y, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    return tl.fma(p, -6291456.0, tl.fma(p, 6291456.0, y))  # 1.5 * 2**22
 
 
 @triton.jit
@@ -235,13 +222,12 @@ def _hessian_kernel(
     x_ptr, h_ptr, gs_ptr, tab_ptr, q_ptr, scale_ptr, rows, cols,
     BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, NVFP4: tl.constexpr, STEP0: tl.constexpr,
     NSTEPS: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr,
-    SPLIT_X: tl.constexpr, EMULATE: tl.constexpr, CAT: tl.constexpr,
+    SPLIT_X: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
-    """Hessian search: per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` with ``k`` the signed E2M1
-    values; ``k H`` is one bf16 dot per part of H (k is exact in bf16), or with CAT one dot of four copies of k
-    against the parts stacked (the fourth zero), so the tensor cores chain them. Everything per element lives in the
-    dots' accumulator layout (x is moved there by a dot with the identity), so the codes feed the next dot
-    without a trip through shared memory."""
+    """Hessian search: per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` (times a power of two
+    per block) with ``k`` the signed fp16 ranking codes; ``k H`` is one fp16 dot per part of H. Everything per
+    element lives in the dots' accumulator layout (x is moved there by a dot with the identity), so the codes
+    feed the next dot without a trip through shared memory."""
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # from the end: the global-scale pass just read it last
     nb = cols // BLOCK
     cb = pid % nb
@@ -262,35 +248,27 @@ def _hessian_kernel(
     mag = tl.abs(x)
     sign = x.to(tl.uint32, bitcast=True) & 0x80000000
     gs = tl.load(gs_ptr)  # 1 for MXFP4
-    naive = _naive(tl.max(mag, axis=1), gs, NVFP4, EMAX, FMAX, BIAS)
-    if CAT:  # B = [h3; h2; h1; 0] (4 BP, BP) against A = [k | k | k | k]: one dot sums the three products
-        hrow = tl.arange(0, 4 * BP)
-        part = hrow[:, None] // BP
-        r_ = hrow[:, None] % BP
-        h_mask = (r_ < BLOCK) & (col[None, :] < BLOCK) & (part < 3)
-        h = tl.load(h_ptr + cb * (BLOCK * BLOCK) + r_ * BLOCK + col[None, :], mask=h_mask, other=0.0)
-        h1, h2, h3 = _bf16_split(h)
-        hcat = tl.where(part == 0, h3, tl.where(part == 1, h2, h1))  # smallest first, as the chained dots
-    else:
-        h_mask = (col[:, None] < BLOCK) & (col[None, :] < BLOCK)
-        h = tl.load(h_ptr + cb * (BLOCK * BLOCK) + col[:, None] * BLOCK + col[None, :], mask=h_mask, other=0.0)
-        h1, h2, h3 = _bf16_split(h)
+    amax = tl.max(mag, axis=1)
+    naive = _naive(amax, gs, NVFP4, EMAX, FMAX, BIAS)
+    p, p_inv = _normaliser(amax)
+    z = (mag * p[:, None]).to(tl.float16)
+    sign = (sign >> 16).to(tl.int16)
+    h_mask = (col[:, None] < BLOCK) & (col[None, :] < BLOCK)
+    h = tl.load(h_ptr + cb * (BLOCK * BLOCK) + col[:, None] * BLOCK + col[None, :], mask=h_mask, other=0.0)
+    h = h * _normaliser(tl.max(tl.max(tl.abs(h), axis=1), axis=0))[0]  # entries below 2: no fp16 overflow
+    h1 = h.to(tl.float16)
+    h2 = (h - h1.to(tl.float32)).to(tl.float16)  # exact residual, rounded once
     x2 = 2.0 * x
 
     best_err = tl.full((BB,), float("inf"), tl.float32)
     best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
     for i in tl.static_range(NSTEPS):
         t, inv = _candidate(naive, i, tab_ptr, NVFP4, STEP0, BIAS, TAB)
-        k = _e2m1_round_fma(mag * inv[:, None])
-        ks = (k.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # a zero code's sign: no matter
-        kb = ks.to(tl.bfloat16)
-        if CAT:
-            k2 = tl.join(kb, kb)
-            k4 = tl.reshape(tl.permute(tl.join(k2, k2), (0, 2, 3, 1)), (BB, 4 * BP))
-            kh = _dot16(k4, hcat, zero, EMULATE)
-        else:
-            kh = _dot16(kb, h1, _dot16(kb, h2, _dot16(kb, h3, zero, EMULATE), EMULATE), EMULATE)  # smallest first
-        err = t * tl.sum(kh * (t[:, None] * ks - x2), axis=1)
+        rho = tl.minimum(inv * p_inv, HALF_MAX).to(tl.float16)
+        k = _e2m1_round_half(z * rho[:, None])
+        k = (k.to(tl.int16, bitcast=True) | sign).to(tl.float16, bitcast=True)  # a zero code's sign: no matter
+        kh = _dot16(k, h1, _dot16(k, h2, zero, EMULATE), EMULATE)  # the smaller part first
+        err = t * tl.sum(kh * (t[:, None] * k.to(tl.float32) - x2), axis=1)
         better = err < best_err
         best_err = tl.where(better, err, best_err)
         best = tl.where(better, i, best)
@@ -340,7 +318,10 @@ def _search(
     x = x.contiguous()
     q = torch.empty((rows, cols // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((rows, nb), dtype=torch.uint8, device=x.device)
-    steps = scale_search.NVFP4_STEPS if nvfp4 else scale_search.MXFP4_STEPS
+    if nvfp4:
+        steps = scale_search.NVFP4_STEPS if hessian is None else scale_search.NVFP4_HESSIAN_STEPS
+    else:
+        steps = scale_search.MXFP4_STEPS
     assert steps == tuple(range(steps[0], steps[0] + len(steps)))  # consecutive: candidate i is step STEP0 + i
     if nvfp4:  # NVFP4 reads its candidates from a table of every E4M3 code's scale and reciprocal
         gs = global_scale.to(device=x.device, dtype=torch.float32).reshape(1)
@@ -365,7 +346,7 @@ def _search(
         h = hessian.to(device=x.device, dtype=torch.float32).contiguous()
         _hessian_kernel[(nb * triton.cdiv(rows, HESSIAN_ROWS),)](
             x, h, gs, tab, q, scale, rows, cols, BLOCK=block_size, BB=HESSIAN_ROWS, BP=max(width, 16),
-            SPLIT_X=x.dtype == torch.float32, EMULATE=x.device.type != "cuda", CAT=width <= HESSIAN_CAT_WIDTH,
+            SPLIT_X=x.dtype == torch.float32, EMULATE=x.device.type != "cuda",
             **common, num_warps=HESSIAN_WARPS,
         )  # fmt: skip
     return q, scale
