@@ -83,7 +83,7 @@ def _e2m1_round_half(y):
     so the add rounds y to a multiple of u, ties to an even one (M / u is even), E2M1's even mantissa;
     subtracting M is exact. M's bits: the exponent bits of max(y, 1) plus 0x2600 (exponent + 9, fraction
     0.5). Packed fp16 pairs make this one min, one max, one and, one add and two adds per two elements."""
-    yc = tl.minimum(y, tl.full(y.shape, 6.0, tl.float16))  # typed constants: Triton before 3.9 would widen
+    yc = tl.minimum(y, tl.full(y.shape, 6.0, tl.float16))  # typed: Triton 3.6 widens Python constants
     mb = tl.maximum(yc, tl.full(y.shape, 1.0, tl.float16)).to(tl.int16, bitcast=True)
     mb = (mb & tl.full(y.shape, 0x7C00, tl.int16)) + tl.full(y.shape, 0x2600, tl.int16)
     m = mb.to(tl.float16, bitcast=True)
