@@ -87,6 +87,17 @@ def markdown(summary: dict, meta: dict) -> str:
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
+def _window(text: str) -> tuple[int, ...]:
+    """``LO:HI`` -> the E4M3 steps LO..HI-1 (argparse type: a bad window is a one-line usage error)."""
+    try:
+        lo, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI with integers, got {text!r}") from None
+    if lo >= hi:
+        raise argparse.ArgumentTypeError(f"empty window {text!r}: LO must be below HI")
+    return tuple(range(lo, hi))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="HF folder (default: the test suite's SmolLM2-135M-Instruct)")
@@ -95,13 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--stats", default=None, help="reuse a calibration file")
     p.add_argument("--json", default=None)
-    p.add_argument("--sse-steps", default=None, help="NVFP4 SSE candidate window LO:HI (E4M3 steps, HI excluded)")
-    p.add_argument("--hessian-steps", default=None, help="NVFP4 Hessian candidate window LO:HI, as --sse-steps")
+    p.add_argument("--sse-steps", type=_window, help="NVFP4 SSE candidate window LO:HI (E4M3 steps, HI excluded)")
+    p.add_argument("--hessian-steps", type=_window, help="NVFP4 Hessian candidate window LO:HI, as --sse-steps")
     args = p.parse_args(argv)
-    for flag, name in [(args.sse_steps, "NVFP4_STEPS"), (args.hessian_steps, "NVFP4_HESSIAN_STEPS")]:
-        if flag:  # the reference search reads the module's windows (what the default windows were chosen by)
-            lo, hi = (int(v) for v in flag.split(":"))
-            setattr(scale_search, name, tuple(range(lo, hi)))
+    for window, name in [(args.sse_steps, "NVFP4_STEPS"), (args.hessian_steps, "NVFP4_HESSIAN_STEPS")]:
+        if window:  # the reference search reads the module's windows (what the default windows were chosen by)
+            setattr(scale_search, name, window)
     if args.model is None:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from _models import smollm2_dir  # noqa: PLC0415
