@@ -373,8 +373,8 @@ def test_e2m1_magic_index_equals_the_encoder() -> None:
 
 
 def test_search_fp16_e2m1_rounding_equals_the_encoder_on_every_fp16() -> None:
-    """The SSE kernel's packed-fp16 rounding equals e2m1_decode(e2m1_encode(y)) on every non-negative fp16
-    value, subnormals and infinity included (all 31,745 of them)."""
+    """The searches' packed-fp16 rounding (SSE and Hessian) equals e2m1_decode(e2m1_encode(y)) on every
+    non-negative fp16 value, subnormals and infinity included (all 31,745 of them)."""
     y = torch.arange(0, 0x7C01, dtype=torch.int16).view(torch.float16).to(DEVICE)
     v = torch.empty_like(y)
     _e2m1_round_half_kernel[(triton.cdiv(y.numel(), 4096),)](y, v, y.numel(), BLOCK=4096)
