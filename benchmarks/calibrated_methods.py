@@ -87,15 +87,20 @@ def markdown(summary: dict, meta: dict) -> str:
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
-def _window(text: str) -> tuple[int, ...]:
-    """``LO:HI`` -> the E4M3 steps LO..HI-1 (argparse type: a bad window is a one-line usage error)."""
+def _steps(text: str) -> tuple[int, ...]:
+    """``LO:HI`` (the E4M3 steps LO..HI-1) or ``S1,S2,...`` (those steps) -> an ascending tuple (argparse
+    type: a bad value is a one-line usage error)."""
     try:
-        lo, hi = (int(v) for v in text.split(":"))
+        if ":" in text:
+            lo, hi = (int(v) for v in text.split(":"))
+            steps = tuple(range(lo, hi))
+        else:
+            steps = tuple(sorted({int(v) for v in text.split(",")}))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO:HI with integers, got {text!r}") from None
-    if lo >= hi:
-        raise argparse.ArgumentTypeError(f"empty window {text!r}: LO must be below HI")
-    return tuple(range(lo, hi))
+        raise argparse.ArgumentTypeError(f"expected LO:HI or S1,S2,... with integers, got {text!r}") from None
+    if not steps:
+        raise argparse.ArgumentTypeError(f"no steps in {text!r}: LO must be below HI")
+    return steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--stats", default=None, help="reuse a calibration file")
     p.add_argument("--json", default=None)
-    p.add_argument("--sse-steps", type=_window, help="NVFP4 SSE candidate window LO:HI (E4M3 steps, HI excluded)")
-    p.add_argument("--hessian-steps", type=_window, help="NVFP4 Hessian candidate window LO:HI, as --sse-steps")
+    p.add_argument(
+        "--sse-steps", type=_steps, help="NVFP4 SSE candidate steps: LO:HI (E4M3 steps, HI excluded) or S1,S2,..."
+    )
+    p.add_argument("--hessian-steps", type=_steps, help="NVFP4 Hessian candidate steps, as --sse-steps")
     args = p.parse_args(argv)
-    for window, name in [(args.sse_steps, "NVFP4_STEPS"), (args.hessian_steps, "NVFP4_HESSIAN_STEPS")]:
-        if window:  # the reference search reads the module's windows (what the default windows were chosen by)
-            setattr(scale_search, name, window)
+    for steps, name in [(args.sse_steps, "NVFP4_STEPS"), (args.hessian_steps, "NVFP4_HESSIAN_STEPS")]:
+        if steps:  # the reference search reads the module's step sets (what the defaults were chosen by)
+            setattr(scale_search, name, steps)
     if args.model is None:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from _models import smollm2_dir  # noqa: PLC0415

@@ -9,7 +9,7 @@ blocks are independent and the search stays one pass over the weight.
 
 Each candidate scale ``t`` encodes ``x * (1 / t)``, its reciprocal rounded once per block (``reciprocal``),
 rather than ``x / t`` as the naive quantizers do: the two differ only for a value within an ulp of an
-E2M1 decision bound, and a multiply keeps the Triton search (twelve candidates per element) cheap.
+E2M1 decision bound, and a multiply keeps the Triton search (every candidate encodes every element) cheap.
 The chosen scale's codes are encoded the same way, so the stored state is the one whose error won.
 
 SSE ranks the candidates by their squared error evaluated in fp16 (``sse_fp16``), the arithmetic the
@@ -31,13 +31,15 @@ from .reference import _blocks, _div, _floor_log2, _safe_div, e2m1_decode, e2m1_
 Tensor = torch.Tensor
 
 # Candidate scales, in steps of the scale format's grid around the naive scale. E4M3 has 8 steps per
-# octave, so the SSE's -2..+6 spans about 0.8x to 1.75x of amax / 6. The upper side pays off often: a
-# larger scale that puts the block's outlier between grid points can serve its other values better. The
-# Hessian search also takes -4 and -3 (clipping an outlier pays where H weighs it little). Each candidate
-# costs its share of the search time; a step was kept where dropping it showed in the errors of
-# benchmarks/calibrated_methods.py (benchmarks/results.md has the windows tried). E8M0 steps are octaves.
-NVFP4_STEPS: tuple[int, ...] = tuple(range(-2, 7))
-NVFP4_HESSIAN_STEPS: tuple[int, ...] = tuple(range(-4, 7))
+# octave, so +6 is about 1.75x amax / 6. The upper side pays off often: a larger scale that puts the
+# block's outlier between grid points can serve its other values better. Which step wins is bimodal
+# (-1..+1 and +3..+6 on real weights; +2 and -2 rarely), so the sets skip steps: each candidate costs
+# its share of the search time, and a step was kept only where dropping it showed in the errors of
+# benchmarks/calibrated_methods.py (benchmarks/results.md has the sets tried). The Hessian search also
+# takes -7 (about 0.55x: clipping an outlier pays where H weighs it little). Ascending: the first wins
+# a tie. E8M0 steps are octaves.
+NVFP4_STEPS: tuple[int, ...] = (-1, 0, 1, 3, 4, 5, 6)
+NVFP4_HESSIAN_STEPS: tuple[int, ...] = (-7, -2, -1, 0, 1, 3, 4, 5, 6)
 MXFP4_STEPS: tuple[int, ...] = (-1, 0, 1)
 _E4M3_MAX_BITS = 0x7E  # 448; 0x7F is NaN
 FLT_MAX = float(torch.finfo(torch.float32).max)

@@ -81,13 +81,14 @@ def _e2m1_round_half(y):
     """The E2M1 magnitude nearest to fp16 y >= 0, ties to even, saturating at 6: y + M with M = 1.5 * 2**10 * u
     (u the grid spacing at y: 0.5 below 2, 1 in [2, 4), 2 in [4, 6]) lies in a binade whose fp16 ulp is u,
     so the add rounds y to a multiple of u, ties to an even one (M / u is even), E2M1's even mantissa;
-    subtracting M is exact. M's bits: the exponent bits of max(y, 1) plus 0x2600 (exponent + 9, fraction
-    0.5). Packed fp16 pairs make this one min, one max, one and, one add and two adds per two elements."""
+    subtracting M is exact. M = 768 m with m = 2**e the power of two of max(y, 1) (its exponent bits), and
+    both steps are fused multiply-adds (768 m is exact, so each rounds once, as the plain add and subtract
+    would). Packed fp16 pairs make this one min, one max, one logic op and two FMAs per two elements."""
     yc = tl.minimum(y, tl.full(y.shape, 6.0, tl.float16))  # typed: Triton 3.6 widens Python constants
     mb = tl.maximum(yc, tl.full(y.shape, 1.0, tl.float16)).to(tl.int16, bitcast=True)
-    mb = (mb & tl.full(y.shape, 0x7C00, tl.int16)) + tl.full(y.shape, 0x2600, tl.int16)
-    m = mb.to(tl.float16, bitcast=True)
-    return (yc + m) - m
+    m = (mb & tl.full(y.shape, 0x7C00, tl.int16)).to(tl.float16, bitcast=True)
+    c = tl.full(y.shape, 768.0, tl.float16)
+    return tl.fma(m, -c, tl.fma(m, c, yc))
 
 
 @triton.jit
@@ -125,6 +126,23 @@ def _bf16_split(h):
 
 
 @triton.jit
+def _load_chunks(
+    x_ptr, row0, col0, rows, cols, BLOCK: tl.constexpr, BB: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr
+):
+    """The (NCH, BB, W) tile of rows row0.. and the block at col0 (element c W + w of block b at [c, b, w]),
+    loaded as NCH * BB rows of W in chunk-major order (row c BB + b) and reshaped. A (NCH, BB, W) load would
+    spread a block's chunks over lanes (they are adjacent in memory) and every per-block step and the
+    error's halving sum would cross lanes through shared memory; this way, with BB a multiple of the
+    thread count, a thread's rows are whole blocks."""
+    r = tl.arange(0, NCH * BB)
+    row = row0 + r % BB
+    j = (r // BB)[:, None] * W + tl.arange(0, W)[None, :]
+    mask = (row < rows)[:, None] & (j < BLOCK)
+    x = tl.load(x_ptr + ((row.to(tl.int64) * cols + col0)[:, None] + j), mask=mask, other=0.0)
+    return tl.reshape(x, (NCH, BB, W))
+
+
+@triton.jit
 def _naive(amax, gs, NVFP4: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr):
     """The naive per-block scale code, as the reference: E4M3 bits of (amax / 6) / gs (true divisions,
     saturating at 448), or the unbiased exponent floor(log2(amax)) - 2 (unclamped: -129 for 0)."""
@@ -136,13 +154,13 @@ def _naive(amax, gs, NVFP4: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr
 
 
 @triton.jit
-def _candidate(naive, i, tab_ptr, NVFP4: tl.constexpr, STEP0: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr):
+def _candidate(naive, i, tab, NVFP4: tl.constexpr, STEP0: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr):
     """Per-block candidate ``i`` (step STEP0 + i): its scale t and ``reciprocal(t)``. NVFP4 reads both from
-    the per-tensor table (entry naive + i of ``_table_kernel``); MXFP4 builds the powers of two from bits
-    (2**-127 is the subnormal with fraction bit 22)."""
+    the per-tensor table (entry naive + i of ``_table_kernel``; ``tab`` is the per-block pointer to entry
+    naive, so a constant i is an address offset); MXFP4 builds the powers of two from bits (2**-127 is the
+    subnormal with fraction bit 22)."""
     if NVFP4:
-        k = naive + i
-        return tl.load(tab_ptr + k), tl.load(tab_ptr + TAB + k)
+        return tl.load(tab + i), tl.load(tab + (TAB + i))
     else:
         e = tl.minimum(tl.maximum(naive + (STEP0 + i), -BIAS), BIAS)
         t = tl.where(e == -BIAS, 0x400000, (e + BIAS) << 23).to(tl.float32, bitcast=True)
@@ -168,42 +186,38 @@ def _search_kernel(
     x_ptr, gs_ptr, tab_ptr, q_ptr, scale_ptr, rows, cols,
     BLOCK: tl.constexpr, BB: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr,
     LOG_NCH: tl.constexpr, LOG_W: tl.constexpr, NVFP4: tl.constexpr,
-    STEP0: tl.constexpr, NSTEPS: tl.constexpr,
+    STEP0: tl.constexpr, SPAN: tl.constexpr, MASK: tl.constexpr,
     EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr,
 ):  # fmt: skip
-    BP: tl.constexpr = NCH * W
     pid = tl.program_id(0)
     nb = cols // BLOCK
     cb = pid % nb  # column block, fastest: programs running together share rows, so writes merge in L2
     row = (pid // nb) * BB + tl.arange(0, BB)
     row_ok = row < rows
-    j = tl.arange(0, NCH)[:, None, None] * W + tl.arange(0, W)[None, None, :]  # column within the block
     base = row.to(tl.int64) * cols + cb * BLOCK
-    if BP == BLOCK:
-        mask = tl.broadcast_to(row_ok[None, :, None], (NCH, BB, W))
-    else:
-        mask = row_ok[None, :, None] & (j < BLOCK)
-    x = tl.load(x_ptr + (base[None, :, None] + j), mask=mask, other=0.0).to(tl.float32)
+    x = _load_chunks(x_ptr, (pid // nb) * BB, cb * BLOCK, rows, cols, BLOCK, BB, NCH, W).to(tl.float32)
     mag = tl.abs(x)
     gs = tl.load(gs_ptr)  # 1 for MXFP4
     amax = tl.max(tl.max(mag, axis=2), axis=0)
     naive = _naive(amax, gs, NVFP4, EMAX, FMAX, BIAS)
+    tab = tab_ptr + naive  # NVFP4's table entry of the naive scale (MXFP4 reads no table)
 
     p, p_inv = _normaliser(amax)
     z = (mag * _expand(p)).to(tl.float16)
     best_err = tl.full((BB,), float("inf"), tl.float16)
     best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
-    for i in range(NSTEPS):
-        t, inv = _candidate(naive, i, tab_ptr, NVFP4, STEP0, BIAS, TAB)
-        rho = tl.minimum(inv * p_inv, HALF_MAX).to(tl.float16)
-        sig = tl.minimum(t * p, HALF_MAX).to(tl.float16)
-        r = z - _e2m1_round_half(z * _expand(rho)) * _expand(sig)
-        err = _halving_sum(r * r, NCH, BB, W, LOG_NCH, LOG_W)
-        better = err < best_err
-        best_err = tl.where(better, err, best_err)
-        best = tl.where(better, i, best)
+    for i in tl.static_range(SPAN):
+        if (MASK >> i) & 1:  # step STEP0 + i is a candidate (resolved at compile time)
+            t, inv = _candidate(naive, i, tab, NVFP4, STEP0, BIAS, TAB)
+            rho = tl.minimum(inv * p_inv, HALF_MAX).to(tl.float16)
+            sig = tl.minimum(t * p, HALF_MAX).to(tl.float16)
+            r = z - _e2m1_round_half(z * _expand(rho)) * _expand(sig)
+            err = _halving_sum(r * r, NCH, BB, W, LOG_NCH, LOG_W)
+            better = err < best_err
+            best_err = tl.where(better, err, best_err)
+            best = tl.where(better, i, best)
 
-    _, inv = _candidate(naive, best, tab_ptr, NVFP4, STEP0, BIAS, TAB)
+    _, inv = _candidate(naive, best, tab, NVFP4, STEP0, BIAS, TAB)
     idx = e2m1_index(mag * _expand(inv))
     codes = tl.where((x < 0.0) & (idx > 0), idx + 8, idx)
     hi, lo = tl.split(tl.reshape(codes, (NCH, BB, W // 2, 2)))
@@ -221,7 +235,8 @@ def _search_kernel(
 def _hessian_kernel(
     x_ptr, h_ptr, gs_ptr, tab_ptr, q_ptr, scale_ptr, rows, cols,
     BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, NVFP4: tl.constexpr, STEP0: tl.constexpr,
-    NSTEPS: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr, TAB: tl.constexpr,
+    SPAN: tl.constexpr, MASK: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr,
+    TAB: tl.constexpr,
     SPLIT_X: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """Hessian search: per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` (times a power of two
@@ -250,6 +265,7 @@ def _hessian_kernel(
     gs = tl.load(gs_ptr)  # 1 for MXFP4
     amax = tl.max(mag, axis=1)
     naive = _naive(amax, gs, NVFP4, EMAX, FMAX, BIAS)
+    tab = tab_ptr + naive  # NVFP4's table entry of the naive scale (MXFP4 reads no table)
     p, p_inv = _normaliser(amax)
     z = (mag * p[:, None]).to(tl.float16)
     sign = (sign >> 16).to(tl.int16)
@@ -262,20 +278,21 @@ def _hessian_kernel(
 
     best_err = tl.full((BB,), float("inf"), tl.float32)
     best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
-    for i in tl.static_range(NSTEPS):
-        t, inv = _candidate(naive, i, tab_ptr, NVFP4, STEP0, BIAS, TAB)
-        rho = tl.minimum(inv * p_inv, HALF_MAX).to(tl.float16)
-        k = _e2m1_round_half(z * rho[:, None])
-        k = (k.to(tl.int16, bitcast=True) | sign).to(tl.float16, bitcast=True)  # a zero code's sign: no matter
-        kh = _dot16(k, h1, _dot16(k, h2, zero, EMULATE), EMULATE)  # the smaller part first
-        err = t * tl.sum(kh * (t[:, None] * k.to(tl.float32) - x2), axis=1)
-        better = err < best_err
-        best_err = tl.where(better, err, best_err)
-        best = tl.where(better, i, best)
+    for i in tl.static_range(SPAN):
+        if (MASK >> i) & 1:  # step STEP0 + i is a candidate (resolved at compile time)
+            t, inv = _candidate(naive, i, tab, NVFP4, STEP0, BIAS, TAB)
+            rho = tl.minimum(inv * p_inv, HALF_MAX).to(tl.float16)
+            k = _e2m1_round_half(z * rho[:, None])
+            k = (k.to(tl.int16, bitcast=True) | sign).to(tl.float16, bitcast=True)  # a zero code's sign: no matter
+            kh = _dot16(k, h1, _dot16(k, h2, zero, EMULATE), EMULATE)  # the smaller part first
+            err = t * tl.sum(kh * (t[:, None] * k.to(tl.float32) - x2), axis=1)
+            better = err < best_err
+            best_err = tl.where(better, err, best_err)
+            best = tl.where(better, i, best)
 
     # the codes from the input as loaded (exact for every dtype), under the kept scale
     xe = x_in.to(tl.float32)
-    _, inv = _candidate(naive, best, tab_ptr, NVFP4, STEP0, BIAS, TAB)
+    _, inv = _candidate(naive, best, tab, NVFP4, STEP0, BIAS, TAB)
     idx = e2m1_index(tl.abs(xe) * inv[:, None])
     codes = tl.where((xe < 0.0) & (idx > 0), idx + 8, idx)
     hi, lo = tl.split(tl.reshape(codes, (BB, BP // 2, 2)))
@@ -322,7 +339,7 @@ def _search(
         steps = scale_search.NVFP4_STEPS if hessian is None else scale_search.NVFP4_HESSIAN_STEPS
     else:
         steps = scale_search.MXFP4_STEPS
-    assert steps == tuple(range(steps[0], steps[0] + len(steps)))  # consecutive: candidate i is step STEP0 + i
+    assert list(steps) == sorted(set(steps))  # ascending, as the reference tries them (the first wins a tie)
     if nvfp4:  # NVFP4 reads its candidates from a table of every E4M3 code's scale and reciprocal
         gs = global_scale.to(device=x.device, dtype=torch.float32).reshape(1)
         tab = torch.empty(2 * _TAB, dtype=torch.float32, device=x.device)
@@ -331,9 +348,10 @@ def _search(
         gs = tab = torch.ones(1, dtype=torch.float32, device=x.device)
     if not x.numel():
         return q, scale
+    mask = sum(1 << (k - steps[0]) for k in steps)  # candidate i of the span is step steps[0] + i
     common = dict(
-        NVFP4=nvfp4, STEP0=steps[0], NSTEPS=len(steps), EMAX=F4_E2M1_MAX if nvfp4 else E2M1_EMAX,
-        FMAX=F8_E4M3_MAX, BIAS=E8M0_BIAS, TAB=_TAB,
+        NVFP4=nvfp4, STEP0=steps[0], SPAN=steps[-1] - steps[0] + 1, MASK=mask,
+        EMAX=F4_E2M1_MAX if nvfp4 else E2M1_EMAX, FMAX=F8_E4M3_MAX, BIAS=E8M0_BIAS, TAB=_TAB,
     )  # fmt: skip
     if hessian is None:
         bb, nch, w = _tiling(block_size, x.element_size())
