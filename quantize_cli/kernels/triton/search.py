@@ -4,17 +4,20 @@
 A program takes ``BB`` rows of one column block. Candidates are ranked as ``scale_search`` ranks them,
 on codes computed in fp16 from ``z = |x| p`` (p a power of two per block) and ``rho = (1 / t) / p``
 (``1 / t`` rounded once; NVFP4 reads ``t`` and ``1 / t`` of every E4M3 code from a per-tensor table,
-``_table_kernel``), rounded to the E2M1 grid with a magic-number addition (``_e2m1_round_half``: adds
+``_table_kernel``), rounded to the E2M1 grid with a magic-number addition (``_e2m1_round_half``: FMAs
 and min / max, no compares and selects, built in both halves of a register at once). Every such step is
-a packed two-wide fp16 instruction (``HMUL2``, ``HMNMX2``, ``HADD2``), about half the fp32 instruction
+a packed two-wide fp16 instruction (``HMUL2``, ``HMNMX2``, ``HFMA2``), about half the fp32 instruction
 count, and rounds as PyTorch's fp16 operations do, so the codes are the reference's bit for bit. The
-kept scale's codes are encoded in fp32 from the input, as the naive quantizers do.
+kept scale's codes are encoded in fp32 from the input, as the naive quantizers do. The candidates are
+the steps of ``scale_search``'s sets, which skip steps: the loop runs over their span and a compile-time
+mask drops the others.
 
 SSE (``_search_kernel``). The tile is (NCH, BB, W): each row's block is NCH chunks of W contiguous
-elements, all held by one thread for narrow blocks, so per-block work (candidate scale, its reciprocal,
-the error reduction) is done once per block. The squared error is ``scale_search.sse_fp16``'s, in fp16
-too, summed in its halving order with no fused multiply-adds (``enable_fp_fusion=False``), so the strict
-``<`` sees the reference's values and the scales equal its bit for bit.
+elements, all held by one thread for narrow blocks (``_load_chunks``), so per-block work (candidate
+scale, its reciprocal, the error reduction) is done once per block, in registers. The squared error is
+``scale_search.sse_fp16``'s, in fp16 too, summed in its halving order with no fused multiply-adds
+(``enable_fp_fusion=False``; the rounding's explicit FMAs round as its adds would), so the strict ``<``
+sees the reference's values and the scales equal its bit for bit.
 
 Hessian (``_hessian_kernel``). Per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` with ``k``
 the signed fp16 ranking codes (``scale_search.hessian_fp16``): ``k H`` on the tensor cores in fp16, two
