@@ -91,15 +91,20 @@ def _quantize_narrow_kernel(
     q_ptr += pid.to(tl.int64) * (BB * BLOCK // 2)
     blocks = tl.arange(0, BB)
     ok = blocks < n_blocks - pid * BB
-    j = tl.arange(0, NCH)[:, None, None] * W + tl.arange(0, W)[None, None, :]  # column within the block
-    x = tl.load(x_ptr + (blocks[None, :, None] * BLOCK + j), mask=ok[None, :, None] & (j < BLOCK), other=0.0)
-    x = x.to(tl.float32)
+    # chunk-major rows c * BB + b (BB a multiple of the thread count): a thread's rows are whole blocks. A
+    # (NCH, BB, W) load spreads a block's chunks over lanes (they are adjacent in memory), so the per-block
+    # work ran in each of them and the codes went through shared memory to be stored.
+    r = tl.arange(0, NCH * BB)
+    jr = (r // BB)[:, None] * W + tl.arange(0, W)[None, :]  # column within the block
+    okr = (r % BB) < n_blocks - pid * BB
+    x = tl.load(x_ptr + ((r % BB)[:, None] * BLOCK + jr), mask=okr[:, None] & (jr < BLOCK), other=0.0)
+    x = tl.reshape(x, (NCH, BB, W)).to(tl.float32)
     code, total, inv, fast = _block_scale(tl.max(tl.max(tl.abs(x), axis=2), axis=0), tl.load(gs_ptr), FMAX, EMAX)
     codes = _codes(x, total[None, :, None], inv[None, :, None], fast, e_ptr)
     hi, lo = tl.split(tl.reshape(codes, (NCH, BB, W // 2, 2)))
-    jq = tl.arange(0, NCH)[:, None, None] * (W // 2) + tl.arange(0, W // 2)[None, None, :]
-    q_mask = ok[None, :, None] & (jq < BLOCK // 2)
-    tl.store(q_ptr + (blocks[None, :, None] * (BLOCK // 2) + jq), ((hi << 4) | lo).to(tl.uint8), mask=q_mask)
+    jq = (r // BB)[:, None] * (W // 2) + tl.arange(0, W // 2)[None, :]  # chunk-major rows, as loaded
+    packed = tl.reshape(((hi << 4) | lo).to(tl.uint8), (NCH * BB, W // 2))
+    tl.store(q_ptr + ((r % BB)[:, None] * (BLOCK // 2) + jq), packed, mask=okr[:, None] & (jq < BLOCK // 2))
     tl.store(scale_ptr + pid * BB + blocks, code.to(tl.uint8), mask=ok)
 
 

@@ -48,6 +48,7 @@ SEARCH_TILE = 4096  # elements per program for wide blocks
 HESSIAN_MAX_WIDTH = 64  # widest (padded) block the Hessian kernel takes: H_b is a (64, 64) fp32 tile
 HESSIAN_ROWS = 64  # rows per Hessian program: one warpgroup's tensor-core tile (M = 64)
 HESSIAN_WARPS = 4
+HESSIAN_TILES = 4  # row tiles per Hessian program: H_b is prepared once for them
 FLT_MAX = tl.constexpr(scale_search.FLT_MAX)
 _TAB = 256  # NVFP4 candidate table entries: every naive E4M3 code (0..0x7E) plus the steps above it
 
@@ -235,78 +236,105 @@ def _search_kernel(
 
 
 @triton.jit
+def _hessian_parts(h_ptr, cb, BLOCK: tl.constexpr, BP: tl.constexpr):
+    """Column block ``cb``'s H_b as (two fp16 parts of S^-1 H_b S^-1 times a power of two, s as a (BP,) row):
+    S = diag(s) with s_i = 2**floor(log2(H_ii) / 2) (in [2**-12, 2], after H_b is scaled so its entries lie
+    below 2), so the scaled diagonal lies in [1, 4) and, H_b being positive semi-definite, every entry below
+    4: both fp16 parts keep their precision where H_b's channels differ by orders of magnitude (an outlier
+    channel 400x the others left the small entries' residuals below fp16's range). Codes times s stay exact."""
+    col = tl.arange(0, BP)
+    eye = col[:, None] == col[None, :]
+    h_mask = (col[:, None] < BLOCK) & (col[None, :] < BLOCK)
+    h = tl.load(h_ptr + cb * (BLOCK * BLOCK) + col[:, None] * BLOCK + col[None, :], mask=h_mask, other=0.0)
+    h = h * _normaliser(tl.max(tl.max(tl.abs(h), axis=1), axis=0))[0]  # entries below 2
+    diag = tl.where(eye, h, 0.0)
+    e_row = _half_log2(tl.sum(diag, axis=1))  # s_i = 2**e_i, along rows and along columns
+    e_col = _half_log2(tl.sum(diag, axis=0))
+    h = h * ((127 - e_row) << 23).to(tl.float32, bitcast=True)[:, None]  # exact: powers of two
+    h = h * ((127 - e_col) << 23).to(tl.float32, bitcast=True)[None, :]
+    h = h * _normaliser(tl.max(tl.max(tl.abs(h), axis=1), axis=0))[0]  # below 2 again (H_b not PSD: no overflow)
+    h1 = h.to(tl.float16)
+    return h1, (h - h1.to(tl.float32)).to(tl.float16), ((127 + e_row) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _half_log2(d):
+    """floor(floor(log2(d)) / 2) clamped to [-12, 0] (d in [0, 2); -12 for 0 and subnormals)."""
+    return tl.minimum(tl.maximum((((d.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127) >> 1, -12), 0)
+
+
+@triton.jit
 def _hessian_kernel(
     x_ptr, h_ptr, gs_ptr, tab_ptr, q_ptr, scale_ptr, rows, cols,
-    BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, NVFP4: tl.constexpr, STEP0: tl.constexpr,
-    SPAN: tl.constexpr, MASK: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, BIAS: tl.constexpr,
-    TAB: tl.constexpr,
-    SPLIT_X: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, TILES: tl.constexpr, NVFP4: tl.constexpr,
+    STEP0: tl.constexpr, SPAN: tl.constexpr, MASK: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
+    BIAS: tl.constexpr, TAB: tl.constexpr, SPLIT_X: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
-    """Hessian search: per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` (times a power of two
-    per block) with ``k`` the signed fp16 ranking codes; ``k H`` is one fp16 dot per part of H. Everything per
-    element lives in the dots' accumulator layout (x is moved there by a dot with the identity), so the codes
-    feed the next dot without a trip through shared memory."""
+    """Hessian search over TILES tiles of BB rows of one column block (H_b prepared once, ``_hessian_parts``):
+    per candidate, ``t (t (k' Hs).k' - 2 (k' Hs).x') = r^T H r - x^T H x`` (times a power of two per block)
+    with ``k' = k s`` the signed fp16 ranking codes times the channel scales, ``x' = x s`` and ``Hs =
+    S^-1 H S^-1``; ``k' Hs`` is one fp16 dot per part. Everything per element lives in the dots'
+    accumulator layout (x is moved there by a dot with the identity), so the codes feed the next dot
+    without a trip through shared memory."""
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # from the end: the global-scale pass just read it last
     nb = cols // BLOCK
     cb = pid % nb
-    row = (pid // nb) * BB + tl.arange(0, BB)
-    row_ok = row < rows
     col = tl.arange(0, BP)
-    base = row.to(tl.int64) * cols + cb * BLOCK
-    mask = row_ok[:, None] & (col[None, :] < BLOCK)
-    x_in = tl.load(x_ptr + (base[:, None] + col[None, :]), mask=mask, other=0.0)
     eye = col[:, None] == col[None, :]
     zero = tl.zeros((BB, BP), tl.float32)
-    if SPLIT_X:  # fp32: three bf16 parts, each times the identity, add up to x exactly
-        x1, x2, x3 = _bf16_split(x_in)
-        e16 = tl.where(eye, 1.0, 0.0).to(tl.bfloat16)
-        x = _dot16(x1, e16, _dot16(x2, e16, _dot16(x3, e16, zero, EMULATE), EMULATE), EMULATE)
-    else:
-        x = _dot16(x_in, tl.where(eye, 1.0, 0.0).to(x_in.dtype), zero, EMULATE)
-    mag = tl.abs(x)
-    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+    h1, h2, s = _hessian_parts(h_ptr, cb, BLOCK, BP)
+    s = _dot16(tl.full((BB, BP), 1.0, tl.float16), tl.where(eye, s[:, None], 0.0).to(tl.float16), zero, EMULATE)
+    s16 = s.to(tl.float16)  # the channel scales in the accumulator layout (one identity-like dot, exact)
     gs = tl.load(gs_ptr)  # 1 for MXFP4
-    amax = tl.max(mag, axis=1)
-    naive = _naive(amax, gs, NVFP4, EMAX, FMAX, BIAS)
-    tab = tab_ptr + naive  # NVFP4's table entry of the naive scale (MXFP4 reads no table)
-    p, p_inv = _normaliser(amax)
-    z = (mag * p[:, None]).to(tl.float16)
-    sign = (sign >> 16).to(tl.int16)
-    h_mask = (col[:, None] < BLOCK) & (col[None, :] < BLOCK)
-    h = tl.load(h_ptr + cb * (BLOCK * BLOCK) + col[:, None] * BLOCK + col[None, :], mask=h_mask, other=0.0)
-    h = h * _normaliser(tl.max(tl.max(tl.abs(h), axis=1), axis=0))[0]  # entries below 2: no fp16 overflow
-    h1 = h.to(tl.float16)
-    h2 = (h - h1.to(tl.float32)).to(tl.float16)  # exact residual, rounded once
-    x2 = 2.0 * x
+    for tile in tl.range(TILES, num_stages=1):  # not software-pipelined (its dots cannot be)
+        row = ((pid // nb) * TILES + tile) * BB + tl.arange(0, BB)
+        row_ok = row < rows
+        base = row.to(tl.int64) * cols + cb * BLOCK
+        mask = row_ok[:, None] & (col[None, :] < BLOCK)
+        x_in = tl.load(x_ptr + (base[:, None] + col[None, :]), mask=mask, other=0.0)
+        if SPLIT_X:  # fp32: three bf16 parts, each times the identity, add up to x exactly
+            x1, x2, x3 = _bf16_split(x_in)
+            e16 = tl.where(eye, 1.0, 0.0).to(tl.bfloat16)
+            x = _dot16(x1, e16, _dot16(x2, e16, _dot16(x3, e16, zero, EMULATE), EMULATE), EMULATE)
+        else:
+            x = _dot16(x_in, tl.where(eye, 1.0, 0.0).to(x_in.dtype), zero, EMULATE)
+        mag = tl.abs(x)
+        sign = ((x.to(tl.uint32, bitcast=True) & 0x80000000) >> 16).to(tl.int16)
+        amax = tl.max(mag, axis=1)
+        naive = _naive(amax, gs, NVFP4, EMAX, FMAX, BIAS)
+        tab = tab_ptr + naive  # NVFP4's table entry of the naive scale (MXFP4 reads no table)
+        p, p_inv = _normaliser(amax)
+        z = (mag * p[:, None]).to(tl.float16)
+        x2 = 2.0 * x * s
 
-    best_err = tl.full((BB,), float("inf"), tl.float32)
-    best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
-    for i in tl.static_range(SPAN):
-        if (MASK >> i) & 1:  # step STEP0 + i is a candidate (resolved at compile time)
-            t, inv = _candidate(naive, i, tab, NVFP4, STEP0, BIAS, TAB)
-            rho = tl.minimum(inv * p_inv, HALF_MAX).to(tl.float16)
-            k = _e2m1_round_half(z * rho[:, None])
-            k = (k.to(tl.int16, bitcast=True) | sign).to(tl.float16, bitcast=True)  # a zero code's sign: no matter
-            kh = _dot16(k, h1, _dot16(k, h2, zero, EMULATE), EMULATE)  # the smaller part first
-            err = t * tl.sum(kh * (t[:, None] * k.to(tl.float32) - x2), axis=1)
-            better = err < best_err
-            best_err = tl.where(better, err, best_err)
-            best = tl.where(better, i, best)
+        best_err = tl.full((BB,), float("inf"), tl.float32)
+        best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
+        for i in tl.static_range(SPAN):
+            if (MASK >> i) & 1:  # step STEP0 + i is a candidate (resolved at compile time)
+                t, inv = _candidate(naive, i, tab, NVFP4, STEP0, BIAS, TAB)
+                rho = tl.minimum(inv * p_inv, HALF_MAX).to(tl.float16)
+                k = _e2m1_round_half(z * rho[:, None])
+                k = (k.to(tl.int16, bitcast=True) | sign).to(tl.float16, bitcast=True) * s16  # a zero's sign: no matter
+                kh = _dot16(k, h1, _dot16(k, h2, zero, EMULATE), EMULATE)  # the smaller part first
+                err = t * tl.sum(kh * (t[:, None] * k.to(tl.float32) - x2), axis=1)
+                better = err < best_err
+                best_err = tl.where(better, err, best_err)
+                best = tl.where(better, i, best)
 
-    # the codes from the input as loaded (exact for every dtype), under the kept scale
-    xe = x_in.to(tl.float32)
-    _, inv = _candidate(naive, best, tab, NVFP4, STEP0, BIAS, TAB)
-    idx = e2m1_index(tl.abs(xe) * inv[:, None])
-    codes = tl.where((xe < 0.0) & (idx > 0), idx + 8, idx)
-    hi, lo = tl.split(tl.reshape(codes, (BB, BP // 2, 2)))
-    jq = tl.arange(0, BP // 2)
-    q_mask = row_ok[:, None] & (jq[None, :] < BLOCK // 2)
-    tl.store(q_ptr + ((base // 2)[:, None] + jq[None, :]), ((hi << 4) | lo).to(tl.uint8), mask=q_mask)
-    if NVFP4:
-        stored = tl.minimum(tl.maximum(naive + (STEP0 + best), 0), 0x7E)
-    else:
-        stored = tl.minimum(tl.maximum(naive + (STEP0 + best), -BIAS), BIAS) + BIAS
-    tl.store(scale_ptr + row.to(tl.int64) * (cols // BLOCK) + cb, stored.to(tl.uint8), mask=row_ok)
+        # the codes from the input as loaded (exact for every dtype), under the kept scale
+        xe = x_in.to(tl.float32)
+        _, inv = _candidate(naive, best, tab, NVFP4, STEP0, BIAS, TAB)
+        idx = e2m1_index(tl.abs(xe) * inv[:, None])
+        codes = tl.where((xe < 0.0) & (idx > 0), idx + 8, idx)
+        hi, lo = tl.split(tl.reshape(codes, (BB, BP // 2, 2)))
+        jq = tl.arange(0, BP // 2)
+        q_mask = row_ok[:, None] & (jq[None, :] < BLOCK // 2)
+        tl.store(q_ptr + ((base // 2)[:, None] + jq[None, :]), ((hi << 4) | lo).to(tl.uint8), mask=q_mask)
+        if NVFP4:
+            stored = tl.minimum(tl.maximum(naive + (STEP0 + best), 0), 0x7E)
+        else:
+            stored = tl.minimum(tl.maximum(naive + (STEP0 + best), -BIAS), BIAS) + BIAS
+        tl.store(scale_ptr + row.to(tl.int64) * (cols // BLOCK) + cb, stored.to(tl.uint8), mask=row_ok)
 
 
 # ---- host side --------------------------------------------------------------------------------------------
@@ -365,8 +393,9 @@ def _search(
         )  # fmt: skip
     else:
         h = hessian.to(device=x.device, dtype=torch.float32).contiguous()
-        _hessian_kernel[(nb * triton.cdiv(rows, HESSIAN_ROWS),)](
+        _hessian_kernel[(nb * triton.cdiv(rows, HESSIAN_ROWS * HESSIAN_TILES),)](
             x, h, gs, tab, q, scale, rows, cols, BLOCK=block_size, BB=HESSIAN_ROWS, BP=max(width, 16),
+            TILES=HESSIAN_TILES,
             SPLIT_X=x.dtype == torch.float32, EMULATE=x.device.type != "cuda",
             **common, num_warps=HESSIAN_WARPS,
         )  # fmt: skip
