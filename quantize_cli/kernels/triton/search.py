@@ -21,13 +21,14 @@ sees the reference's values and the scales equal its bit for bit.
 
 Hessian (``_hessian_kernel``). Per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` with ``k``
 the signed fp16 ranking codes (``scale_search.hessian_fp16``): ``k H`` on the tensor cores in fp16, two
-chained dots against H scaled by a power of two per block and split in two fp16 parts (about 2**-22
-relative accuracy; k is exact in fp16), everything else in the dot's accumulator layout, where x is
-brought by a dot with the identity, so the codes feed the next dot without a trip through shared memory.
-Its rounding is of the size of x^T H x, and no PyTorch reference reproduces the dots' summation order:
-where two candidates' errors lie that close the kernel may keep the other one; tests bound how often
-and by how much (``tests/_kernel_cases.check_hessian_choice``). The codes are encoded from the input as
-loaded, so they are the reference's under the kept scale.
+chained dots against H scaled by powers of two (per block, and per channel as ``S^-1 H S^-1`` with the codes
+and x times S, ``_hessian_parts``) and split in two fp16 parts (about 2**-22 relative accuracy; k S is exact
+in fp16), everything else in the dot's accumulator layout, where x is brought by a dot with the identity, so
+the codes feed the next dot without a trip through shared memory. A program takes several row tiles of one
+column block, so H_b is prepared once for them. Its rounding is of the size of x^T H x, and no PyTorch
+reference reproduces the dots' summation order: where two candidates' errors lie that close the kernel may
+keep the other one; tests bound how often and by how much (``tests/_kernel_cases.check_hessian_choice``).
+The codes are encoded from the input as loaded, so they are the reference's under the kept scale.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ SEARCH_TILE = 4096  # elements per program for wide blocks
 HESSIAN_MAX_WIDTH = 64  # widest (padded) block the Hessian kernel takes: H_b is a (64, 64) fp32 tile
 HESSIAN_ROWS = 64  # rows per Hessian program: one warpgroup's tensor-core tile (M = 64)
 HESSIAN_WARPS = 4
-HESSIAN_TILES = 4  # row tiles per Hessian program: H_b is prepared once for them
+HESSIAN_TILES = 8  # row tiles per Hessian program: H_b is prepared once for them (1, 2, 4, 8 timed: 8 fastest)
 FLT_MAX = tl.constexpr(scale_search.FLT_MAX)
 _TAB = 256  # NVFP4 candidate table entries: every naive E4M3 code (0..0x7E) plus the steps above it
 
@@ -238,10 +239,11 @@ def _search_kernel(
 @triton.jit
 def _hessian_parts(h_ptr, cb, BLOCK: tl.constexpr, BP: tl.constexpr):
     """Column block ``cb``'s H_b as (two fp16 parts of S^-1 H_b S^-1 times a power of two, s as a (BP,) row):
-    S = diag(s) with s_i = 2**floor(log2(H_ii) / 2) (in [2**-12, 2], after H_b is scaled so its entries lie
-    below 2), so the scaled diagonal lies in [1, 4) and, H_b being positive semi-definite, every entry below
-    4: both fp16 parts keep their precision where H_b's channels differ by orders of magnitude (an outlier
-    channel 400x the others left the small entries' residuals below fp16's range). Codes times s stay exact."""
+    S = diag(s) with s_i = 2**floor(floor(log2(H_ii)) / 2) (in [2**-12, 1], after H_b is scaled so its entries
+    lie below 2), so the scaled diagonal lies in [1, 4) and, H_b being positive semi-definite, every entry
+    below 4: the small channels' entries keep the split's relative precision where H_b's channels differ by
+    orders of magnitude (unscaled, their residual parts fall among fp16's subnormals). Codes times s stay
+    exact."""
     col = tl.arange(0, BP)
     eye = col[:, None] == col[None, :]
     h_mask = (col[:, None] < BLOCK) & (col[None, :] < BLOCK)
