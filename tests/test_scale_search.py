@@ -41,7 +41,9 @@ def test_nvfp4_search_matches_brute_force(use_hessian: bool) -> None:
     assert sum(g != e for g, e in zip(got, expected, strict=True)) <= 1
 
 
-def test_hessian_identity_equals_sse() -> None:
+def test_hessian_identity_equals_sse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With H = I, r^T H r is the squared error: over the same candidates both searches keep the same state."""
+    monkeypatch.setattr(scale_search, "NVFP4_STEPS", scale_search.NVFP4_HESSIAN_STEPS)
     x = torch.randn(8, 96)
     a = quantize(x, "nvfp4", method="sse")
     b = quantize(x, "nvfp4", method="hessian", hessian=torch.eye(96))
@@ -88,8 +90,11 @@ def test_sse_search_keeps_the_exact_best_up_to_fp16_rounding(scheme: str, dtype:
     assert got.sum() < naive.sum() * 0.97
 
 
-def test_hessian_cuts_output_error() -> None:
-    # Inputs with very unequal channel scales: the Hessian method should favour the loud channels.
+def test_hessian_cuts_output_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs with very unequal channel scales: over the same candidate scales, ranking by r^T H r favours the
+    loud channels and cuts the output error below the squared-error ranking's (the default sets differ: on
+    real weights, benchmarks/calibrated_methods.py, the Hessian search's smaller set still ends lower)."""
+    monkeypatch.setattr(scale_search, "NVFP4_STEPS", scale_search.NVFP4_HESSIAN_STEPS)
     x_cal = torch.randn(512, 128) * torch.logspace(-1, 1, 128)
     w = torch.randn(64, 128)
     h = x_cal.T @ x_cal

@@ -20,11 +20,12 @@ scale, its reciprocal, the error reduction) is done once per block, in registers
 sees the reference's values and the scales equal its bit for bit.
 
 Hessian (``_hessian_kernel``). Per candidate, ``t (t (k H).k - 2 (k H).x) = r^T H r - x^T H x`` with ``k``
-the signed fp16 ranking codes (``scale_search.hessian_fp16``): ``k H`` on the tensor cores in fp16, two
-chained dots against H scaled by powers of two (per block, and per channel as ``S^-1 H S^-1`` with the codes
-and x times S, ``_hessian_parts``) and split in two fp16 parts (about 2**-22 relative accuracy; k S is exact
-in fp16), everything else in the dot's accumulator layout, where x is brought by a dot with the identity, so
-the codes feed the next dot without a trip through shared memory. A program takes several row tiles of one
+the signed fp16 ranking codes (``scale_search.hessian_fp16``): ``k H`` on the tensor cores in fp16, against H
+scaled by powers of two (per block, and per channel as ``S^-1 H S^-1`` with the codes and x times S,
+``_hessian_parts``) and split in two fp16 parts (about 2**-22 relative accuracy; k S is exact in fp16), as
+one dot of ``[k | k]`` with the parts stacked (K = 32: the tensor cores take both halves without waiting in
+between); everything else in the dot's accumulator layout, where x is brought by a dot with the identity,
+so the codes feed the next dot without a trip through shared memory. A program takes several row tiles of one
 column block, so H_b is prepared once for them. Its rounding is of the size of x^T H x, and no PyTorch
 reference reproduces the dots' summation order: where two candidates' errors lie that close the kernel may
 keep the other one; tests bound how often and by how much (``tests/_kernel_cases.check_hessian_choice``).
@@ -50,6 +51,8 @@ HESSIAN_MAX_WIDTH = 64  # widest (padded) block the Hessian kernel takes: H_b is
 HESSIAN_ROWS = 64  # rows per Hessian program: one warpgroup's tensor-core tile (M = 64)
 HESSIAN_WARPS = 4
 HESSIAN_TILES = 8  # row tiles per Hessian program: H_b is prepared once for them (1, 2, 4, 8 timed: 8 fastest)
+HESSIAN_MAXNREG = 96  # 16-bit inputs, blocks of 16: the next tile's prefetch would take 126 registers, and 5
+# programs per multiprocessor would drop to 3 (timed: 4 % faster held to 96; fp32 and wider blocks would spill)
 FLT_MAX = tl.constexpr(scale_search.FLT_MAX)
 _TAB = 256  # NVFP4 candidate table entries: every naive E4M3 code (0..0x7E) plus the steps above it
 
@@ -260,6 +263,15 @@ def _hessian_parts(h_ptr, cb, BLOCK: tl.constexpr, BP: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(x_ptr, row0, cb, rows, cols, BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr):
+    """Rows row0.. (BB of them) of column block ``cb``, zero-padded to BP columns and from row ``rows`` on."""
+    row = row0 + tl.arange(0, BB)
+    col = tl.arange(0, BP)
+    mask = (row < rows)[:, None] & (col < BLOCK)[None, :]
+    return tl.load(x_ptr + ((row.to(tl.int64) * cols + cb * BLOCK)[:, None] + col[None, :]), mask=mask, other=0.0)
+
+
+@triton.jit
 def _half_log2(d):
     """floor(floor(log2(d)) / 2) clamped to [-12, 0] (d in [0, 2); -12 for 0 and subnormals)."""
     return tl.minimum(tl.maximum((((d.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127) >> 1, -12), 0)
@@ -275,9 +287,9 @@ def _hessian_kernel(
     """Hessian search over TILES tiles of BB rows of one column block (H_b prepared once, ``_hessian_parts``):
     per candidate, ``t (t (k' Hs).k' - 2 (k' Hs).x') = r^T H r - x^T H x`` (times a power of two per block)
     with ``k' = k s`` the signed fp16 ranking codes times the channel scales, ``x' = x s`` and ``Hs =
-    S^-1 H S^-1``; ``k' Hs`` is one fp16 dot per part. Everything per element lives in the dots'
-    accumulator layout (x is moved there by a dot with the identity), so the codes feed the next dot
-    without a trip through shared memory."""
+    S^-1 H S^-1``; ``k' Hs`` is one fp16 dot of ``[k' | k']`` against the parts stacked. Everything per
+    element lives in the dots' accumulator layout (x is moved there by a dot with the identity), so the
+    codes feed the next dot without a trip through shared memory."""
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # from the end: the global-scale pass just read it last
     nb = cols // BLOCK
     cb = pid % nb
@@ -287,27 +299,33 @@ def _hessian_kernel(
     h1, h2, s = _hessian_parts(h_ptr, cb, BLOCK, BP)
     s = _dot16(tl.full((BB, BP), 1.0, tl.float16), tl.where(eye, s[:, None], 0.0).to(tl.float16), zero, EMULATE)
     s16 = s.to(tl.float16)  # the channel scales in the accumulator layout (one identity-like dot, exact)
+    s2 = 2.0 * s
     gs = tl.load(gs_ptr)  # 1 for MXFP4
-    for tile in tl.range(TILES, num_stages=1):  # not software-pipelined (its dots cannot be)
+    h12 = tl.reshape(tl.permute(tl.join(h2, h1), (2, 0, 1)), (2 * BP, BP))  # [h2; h1]: k H as one K = 2 BP dot
+    row_end = tl.minimum(rows, (pid // nb + 1) * TILES * BB)  # this program's rows end here
+    x_next = _load_tile(x_ptr, (pid // nb) * TILES * BB, cb, row_end, cols, BLOCK, BB, BP)
+    for tile in tl.range(TILES, num_stages=1):  # not software-pipelined (its dots cannot be): prefetched by hand
         row = ((pid // nb) * TILES + tile) * BB + tl.arange(0, BB)
         row_ok = row < rows
         base = row.to(tl.int64) * cols + cb * BLOCK
-        mask = row_ok[:, None] & (col[None, :] < BLOCK)
-        x_in = tl.load(x_ptr + (base[:, None] + col[None, :]), mask=mask, other=0.0)
+        x_in = x_next
         if SPLIT_X:  # fp32: three bf16 parts, each times the identity, add up to x exactly
-            x1, x2, x3 = _bf16_split(x_in)
+            xh, xm, xl = _bf16_split(x_in)
             e16 = tl.where(eye, 1.0, 0.0).to(tl.bfloat16)
-            x = _dot16(x1, e16, _dot16(x2, e16, _dot16(x3, e16, zero, EMULATE), EMULATE), EMULATE)
+            x = _dot16(xh, e16, _dot16(xm, e16, _dot16(xl, e16, zero, EMULATE), EMULATE), EMULATE)
         else:
             x = _dot16(x_in, tl.where(eye, 1.0, 0.0).to(x_in.dtype), zero, EMULATE)
+        # the next tile's load runs while this one's candidates are tried (after the last, all masked off)
+        x_next = _load_tile(x_ptr, ((pid // nb) * TILES + tile + 1) * BB, cb, row_end, cols, BLOCK, BB, BP)
         mag = tl.abs(x)
         sign = ((x.to(tl.uint32, bitcast=True) & 0x80000000) >> 16).to(tl.int16)
+        sigma = (s16.to(tl.int16, bitcast=True) | sign).to(tl.float16, bitcast=True)  # +-s: a code's sign and scale
         amax = tl.max(mag, axis=1)
         naive = _naive(amax, gs, NVFP4, EMAX, FMAX, BIAS)
         tab = tab_ptr + naive  # NVFP4's table entry of the naive scale (MXFP4 reads no table)
         p, p_inv = _normaliser(amax)
         z = (mag * p[:, None]).to(tl.float16)
-        x2 = 2.0 * x * s
+        x2 = x * s2
 
         best_err = tl.full((BB,), float("inf"), tl.float32)
         best = tl.zeros((BB,), tl.int32) - STEP0  # the naive scale where no error is finite, as the reference
@@ -316,8 +334,8 @@ def _hessian_kernel(
                 t, inv = _candidate(naive, i, tab, NVFP4, STEP0, BIAS, TAB)
                 rho = tl.minimum(inv * p_inv, HALF_MAX).to(tl.float16)
                 k = _e2m1_round_half(z * rho[:, None])
-                k = (k.to(tl.int16, bitcast=True) | sign).to(tl.float16, bitcast=True) * s16  # a zero's sign: no matter
-                kh = _dot16(k, h1, _dot16(k, h2, zero, EMULATE), EMULATE)  # the smaller part first
+                k = k * sigma  # exact (a power of two); a zero's sign does not matter
+                kh = _dot16(tl.reshape(tl.permute(tl.join(k, k), (0, 2, 1)), (BB, 2 * BP)), h12, zero, EMULATE)
                 err = t * tl.sum(kh * (t[:, None] * k.to(tl.float32) - x2), axis=1)
                 better = err < best_err
                 best_err = tl.where(better, err, best_err)
@@ -395,11 +413,12 @@ def _search(
         )  # fmt: skip
     else:
         h = hessian.to(device=x.device, dtype=torch.float32).contiguous()
+        narrow = width <= 16 and x.element_size() == 2
         _hessian_kernel[(nb * triton.cdiv(rows, HESSIAN_ROWS * HESSIAN_TILES),)](
             x, h, gs, tab, q, scale, rows, cols, BLOCK=block_size, BB=HESSIAN_ROWS, BP=max(width, 16),
             TILES=HESSIAN_TILES,
             SPLIT_X=x.dtype == torch.float32, EMULATE=x.device.type != "cuda",
-            **common, num_warps=HESSIAN_WARPS,
+            **common, num_warps=HESSIAN_WARPS, **({"maxnreg": HESSIAN_MAXNREG} if narrow else {}),
         )  # fmt: skip
     return q, scale
 
