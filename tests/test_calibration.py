@@ -230,3 +230,64 @@ def test_observed_layer_keeps_no_inputs_alive() -> None:
     del hidden, out
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+# Tiny random members of each family the layer-wise calibration names (built from their transformers
+# configs: no checkpoint to fetch). Gemma 2 and 3 alternate sliding-window and full-attention layers, and
+# Gemma 3 gives them rotary embeddings of different bases: each layer must get its own arguments. The
+# windows are longer than the sliding window so that the difference shows.
+_TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, vocab_size=256, max_position_embeddings=128,
+)  # fmt: skip
+_ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+FAMILIES = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {},
+    "mistral": {"sliding_window": 8},
+    "gemma2": {"sliding_window": 8, "layer_types": _ALTERNATING},
+    "gemma3_text": {"sliding_window": 8, "layer_types": _ALTERNATING},
+    "phi3": {"pad_token_id": 0},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tiny_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(request.param, **_TINY, **FAMILIES[request.param])
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # lift the default 0.02-scale initialisation so the layers' inputs differ visibly
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(10.0)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return path
+
+
+def test_layerwise_matches_full_forward_on_each_family(tiny_family: Path) -> None:
+    from quantize_cli.pipeline.source import resolve_source
+
+    windows = torch.randint(0, _TINY["vocab_size"], (3, 32), generator=torch.Generator().manual_seed(1))
+    reference = _hooked_full_model(tiny_family, windows)
+    collected: dict[str, object] = {}
+
+    def on_layer(index, prefix, stats) -> None:
+        for name, st in stats.items():
+            collected[f"{prefix}.{name}"] = st
+
+    LayerwiseRun(resolve_source(str(tiny_family)), CalibrationSettings(observer="minmax", per_channel=True)).run(
+        windows, on_layer
+    )
+    assert set(collected) == set(reference)
+    for name, ref in reference.items():
+        st = collected[name]
+        assert torch.allclose(st.observer.result().double(), ref["amax"], rtol=1e-4, atol=1e-5), name
+        layer_prefix = ".".join(name.split(".")[:3])  # model.layers.<i>
+        owner = collected[f"{layer_prefix}.{st.shares_input_with}"] if st.shares_input_with else st
+        h = owner.hessian.double() / owner.tokens
+        ref_h = ref["xtx"] / ref["n"]
+        assert (h - ref_h).norm() / ref_h.norm() < 1e-4, name

@@ -2,9 +2,11 @@
 
 The model is built on the meta device from its config (buffers such as rotary frequencies stay real).
 Only the input embeddings and the current decoder layer are ever materialised from the checkpoint:
-the embeddings turn the token windows into layer 0's inputs, a stand-in for layer 0 records the other
-arguments the model passes its layers (attention mask, position embeddings...), then each layer is
-loaded, run on every window, observed, and released, its outputs becoming the next layer's inputs.
+the embeddings turn the token windows into layer 0's inputs, stand-ins for the layers record the other
+arguments the model passes each of them (attention mask, position embeddings...: they differ between
+layers where sliding-window and full attention alternate, as in Gemma 2 and 3), then each layer is
+loaded, run on every window with its own arguments, observed, and released, its outputs becoming the
+next layer's inputs.
 """
 
 from __future__ import annotations
@@ -54,16 +56,30 @@ class CalibrationSettings:
 
 
 class _Caught(Exception):
-    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        super().__init__("layer 0 reached")
-        self.layer_args, self.layer_kwargs = args, kwargs
+    """Raised by the last layer's stand-in: every layer's inputs are recorded."""
 
 
-class _Catcher(nn.Module):
-    """Stands in for decoder layer 0 to record the inputs the model gives its layers, then stops the model."""
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records the arguments the model gives it and passes the hidden states
+    on unchanged (only the other arguments are wanted from the later layers); the last one stops the model.
+    Attributes it lacks are the layer's (a model may read one, such as its attention type)."""
+
+    def __init__(self, layer: nn.Module, index: int, records: dict[int, tuple[tuple, dict]], last: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: the skeleton's parameters stay as they are
+        self.index, self.records, self.last = index, records, last
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise _Caught(args, kwargs)
+        self.records[self.index] = (args, kwargs)
+        if self.last:
+            raise _Caught
+        return args[0] if args else kwargs["hidden_states"]
 
 
 def build_skeleton(config_dict: dict[str, Any]) -> nn.Module:
@@ -134,6 +150,9 @@ def _outside_layers(model: nn.Module, list_name: str) -> list[tuple[str, nn.Modu
     return out
 
 
+LayerArgs = tuple[tuple[Any, ...], dict[str, Any]]  # what the model passes a layer besides the hidden states
+
+
 def layer_inputs(
     model: nn.Module,
     list_name: str,
@@ -141,8 +160,9 @@ def layer_inputs(
     windows: Tensor,
     settings: CalibrationSettings,
     reader: SourceReader,
-) -> tuple[list[Tensor], tuple[Any, ...], dict[str, Any]]:
-    """Embed each window; returns layer 0's hidden states and the other arguments the model passes its layers.
+) -> tuple[list[Tensor], list[LayerArgs]]:
+    """Embed each window; returns layer 0's hidden states and, per layer, the other arguments the model passes
+    it (the last window's: every window has the same length).
 
     Only the modules outside the layer list (embeddings, small norms) are materialised, and released after.
     """  # fmt: skip
@@ -153,22 +173,18 @@ def layer_inputs(
         # in fp32); its output is cast instead, which gives the same values as an fp32 lookup.
         _materialise_own(module, name, reader, settings.device, None if module is embeddings else settings.dtype)
     cast = embeddings.register_forward_hook(lambda _m, _args, out: out.to(settings.dtype))
-    first = layers[0]
-    layers[0] = _Catcher()
+    originals = list(layers)
+    records: dict[int, tuple[tuple, dict]] = {}
+    for i, layer in enumerate(originals):
+        layers[i] = _Recorder(layer, i, records, last=i == len(originals) - 1)
     hidden: list[Tensor] = []
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = {}
     try:
         for window in windows:
+            records.clear()
             try:
                 model(input_ids=window.unsqueeze(0).to(settings.device), use_cache=False)
-            except _Caught as caught:
-                if caught.layer_args:
-                    hidden.append(caught.layer_args[0])
-                    args = caught.layer_args[1:]
-                else:
-                    hidden.append(caught.layer_kwargs["hidden_states"])
-                kwargs = {k: v for k, v in caught.layer_kwargs.items() if k != "hidden_states"}
+            except _Caught:
+                pass
             except (NotImplementedError, RuntimeError) as exc:
                 if "meta" in str(exc):
                     raise QuantaError(
@@ -176,12 +192,26 @@ def layer_inputs(
                         "layer-wise calibration does not support it"
                     ) from None
                 raise
+            if len(records) != len(originals):
+                raise QuantaError(
+                    f"{type(model).__name__} did not call its {len(originals)} decoder layers in turn; "
+                    "layer-wise calibration does not support it"
+                )
+            args, kwargs = records[0]
+            hidden.append(args[0] if args else kwargs["hidden_states"])
     finally:
-        layers[0] = first
+        for i, layer in enumerate(originals):
+            layers[i] = layer
         cast.remove()
         for _, module in outside:
             release(module)
-    return hidden, _move(args, settings.device), {k: _move(v, settings.device) for k, v in kwargs.items()}
+    per_layer = []
+    for i in range(len(originals)):
+        args, kwargs = records[i]
+        rest = args[1:] if args else ()
+        others = {k: _move(v, settings.device) for k, v in kwargs.items() if k != "hidden_states"}
+        per_layer.append((_move(rest, settings.device), others))
+    return hidden, per_layer
 
 
 def _materialise_own(
@@ -281,8 +311,9 @@ class LayerwiseRun:
         self.model = model = build_skeleton(self.source.config)
         list_name, layers = decoder_layers(model)
         with SourceReader(self.source) as reader:
-            hidden, args, kwargs = layer_inputs(model, list_name, layers, windows, self.settings, reader)
+            hidden, layer_args = layer_inputs(model, list_name, layers, windows, self.settings, reader)
             for i, layer in enumerate(layers):
+                args, kwargs = layer_args[i]
                 prefix = f"{list_name}.{i}"
                 materialise(layer, prefix, reader, self.settings.device, self.settings.dtype)
                 groups = self.groups(layer)
