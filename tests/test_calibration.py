@@ -291,3 +291,47 @@ def test_layerwise_matches_full_forward_on_each_family(tiny_family: Path) -> Non
         h = owner.hessian.double() / owner.tokens
         ref_h = ref["xtx"] / ref["n"]
         assert (h - ref_h).norm() / ref_h.norm() < 1e-4, name
+
+
+class _ToyEmbedding(torch.nn.Module):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids.float()[..., None].expand(*input_ids.shape, 4)
+
+
+class _ToyModel(torch.nn.Module):
+    """Embeds token ids as constant vectors (no parameters to read) and calls the first ``called`` of its
+    three layers, telling each its index."""
+
+    def __init__(self, called: int) -> None:
+        super().__init__()
+        self.called = called
+        self.embed = _ToyEmbedding()
+        self.layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(3))
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for i, layer in enumerate(self.layers[: self.called]):
+            h = layer(h, position=i)
+        return h
+
+
+def test_layer_inputs_are_each_layers_own_and_a_model_that_skips_layers_is_refused() -> None:
+    from quantize_cli.calibration.layerwise import layer_inputs
+
+    windows = torch.arange(6).reshape(2, 3)
+    model = _ToyModel(called=3)
+    hidden, per_layer = layer_inputs(model, "layers", model.layers, windows, CalibrationSettings(), None)
+    assert [h.shape for h in hidden] == [(1, 3, 4), (1, 3, 4)] and torch.equal(hidden[1][0, :, 0], windows[1].float())
+    assert [kwargs for _, kwargs in per_layer] == [{"position": 0}, {"position": 1}, {"position": 2}]
+    assert all(isinstance(layer, torch.nn.Identity) for layer in model.layers)  # the stand-ins are gone
+
+    model = _ToyModel(called=2)
+    with pytest.raises(QuantaError, match="did not call its 3 decoder layers in turn"):
+        layer_inputs(model, "layers", model.layers, windows, CalibrationSettings(), None)
+    assert all(isinstance(layer, torch.nn.Identity) for layer in model.layers)

@@ -26,7 +26,8 @@ scaled by powers of two (per block, and per channel as ``S^-1 H S^-1`` with the 
 one dot of ``[k | k]`` with the parts stacked (K = 32: the tensor cores take both halves without waiting in
 between); everything else in the dot's accumulator layout, where x is brought by a dot with the identity,
 so the codes feed the next dot without a trip through shared memory. A program takes several row tiles of one
-column block, so H_b is prepared once for them. Its rounding is of the size of x^T H x, and no PyTorch
+column block, so H_b is prepared once for them, and loads the next tile while it tries the current one's
+candidates (Triton's pipeliner does not take the loop). Its rounding is of the size of x^T H x, and no PyTorch
 reference reproduces the dots' summation order: where two candidates' errors lie that close the kernel may
 keep the other one; tests bound how often and by how much (``tests/_kernel_cases.check_hessian_choice``).
 The codes are encoded from the input as loaded, so they are the reference's under the kept scale.
