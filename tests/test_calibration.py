@@ -92,6 +92,19 @@ def _hooked_full_model(model_dir: Path, windows: torch.Tensor) -> dict[str, dict
     return acc
 
 
+def _assert_stats_match(collected: dict, reference: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Layer-wise statistics against the hooked full forward: every Linear, its input range and X^T X."""
+    assert set(collected) == set(reference)
+    for name, ref in reference.items():
+        st = collected[name]
+        assert torch.allclose(st.observer.result().double(), ref["amax"], rtol=1e-4, atol=1e-5), name
+        layer_prefix = ".".join(name.split(".")[:3])  # model.layers.<i>
+        owner = collected[f"{layer_prefix}.{st.shares_input_with}"] if st.shares_input_with else st
+        h = owner.hessian.double() / owner.tokens
+        ref_h = ref["xtx"] / ref["n"]
+        assert (h - ref_h).norm() / ref_h.norm() < 1e-4, name
+
+
 def test_layerwise_matches_full_forward_and_holds_one_layer(smollm2: Path, text_file: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -128,15 +141,7 @@ def test_layerwise_matches_full_forward_and_holds_one_layer(smollm2: Path, text_
     per_layer = 135_000_000 // 30  # ~3.6M parameters in one SmolLM2 decoder layer, well under the whole model
     assert len(resident) == 30 and max(resident) < per_layer * 1.5
 
-    assert set(collected) == set(reference)
-    for name, ref in reference.items():
-        st = collected[name]
-        assert torch.allclose(st.observer.result().double(), ref["amax"], rtol=1e-4, atol=1e-5), name
-        layer_prefix = ".".join(name.split(".")[:3])  # model.layers.<i>
-        owner = collected[f"{layer_prefix}.{st.shares_input_with}"] if st.shares_input_with else st
-        h = owner.hessian.double() / owner.tokens
-        ref_h = ref["xtx"] / ref["n"]
-        assert (h - ref_h).norm() / ref_h.norm() < 1e-4, name
+    _assert_stats_match(collected, reference)
     assert collected["model.layers.0.self_attn.k_proj"].shares_input_with == "self_attn.q_proj"
     assert collected["model.layers.0.mlp.up_proj"].shares_input_with == "mlp.gate_proj"
     assert collected["model.layers.0.self_attn.o_proj"].shares_input_with is None
@@ -282,15 +287,7 @@ def test_layerwise_matches_full_forward_on_each_family(tiny_family: Path) -> Non
     LayerwiseRun(resolve_source(str(tiny_family)), CalibrationSettings(observer="minmax", per_channel=True)).run(
         windows, on_layer
     )
-    assert set(collected) == set(reference)
-    for name, ref in reference.items():
-        st = collected[name]
-        assert torch.allclose(st.observer.result().double(), ref["amax"], rtol=1e-4, atol=1e-5), name
-        layer_prefix = ".".join(name.split(".")[:3])  # model.layers.<i>
-        owner = collected[f"{layer_prefix}.{st.shares_input_with}"] if st.shares_input_with else st
-        h = owner.hessian.double() / owner.tokens
-        ref_h = ref["xtx"] / ref["n"]
-        assert (h - ref_h).norm() / ref_h.norm() < 1e-4, name
+    _assert_stats_match(collected, reference)
 
 
 class _ToyEmbedding(torch.nn.Module):

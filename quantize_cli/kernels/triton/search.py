@@ -53,7 +53,7 @@ HESSIAN_ROWS = 64  # rows per Hessian program: one warpgroup's tensor-core tile 
 HESSIAN_WARPS = 4
 HESSIAN_TILES = 8  # row tiles per Hessian program: H_b is prepared once for them (1, 2, 4, 8 timed: 8 fastest)
 HESSIAN_MAXNREG = 96  # 16-bit inputs, blocks of 16: the next tile's prefetch would take 126 registers, and 5
-# programs per multiprocessor would drop to 3 (timed: 4 % faster held to 96; fp32 and wider blocks would spill)
+# programs per multiprocessor would drop to 3 (timed: 3-4 % faster held to 96; fp32 and wider blocks would spill)
 FLT_MAX = tl.constexpr(scale_search.FLT_MAX)
 _TAB = 256  # NVFP4 candidate table entries: every naive E4M3 code (0..0x7E) plus the steps above it
 
