@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
         seed = shape == seed_shape and dtype == torch.float16
         for k in ours:
             try_measure(rows, k, "quanta", x, bw, args.smoke, args.rep_ms, seed)
-        if seed and not args.smoke and (not args.schemes or "nvfp4" in args.schemes):
+        if not args.smoke and (not args.schemes or "nvfp4" in args.schemes):
             try_measure(rows, nvfp4_given_scale(x, device), "quanta", x, bw, False, args.rep_ms, False)
         for k in bnb:
             try_measure(rows, k, "bitsandbytes", x, bw, args.smoke, args.rep_ms, seed)
@@ -309,7 +309,8 @@ def merge(old: dict, new: dict) -> dict:
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
-    """Tile size x warps for a few kernels on the seed shape (fp16): the data behind common.TILE."""
+    """Tile size x warps for a few kernels on the seed shape (fp16): the data behind common.TILE (the integer
+    quantize kernels' grouped tiling is ``integer.LANE_PLAN`` instead, so int8 shows only its dequantize)."""
     from quantize_cli.kernels.triton import common  # noqa: PLC0415
 
     device = torch.device("cuda")

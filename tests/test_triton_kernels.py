@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from quantize_cli.kernels.triton import codebook, common, search  # noqa: E402
+from quantize_cli.kernels.triton import codebook, common, integer, search  # noqa: E402
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if not (_INTERPRETED or torch.cuda.is_available()):
@@ -80,11 +80,39 @@ def test_block_sizes(scheme: str, opts: dict, shape: tuple[int, int], block: int
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True)], ids=["int4", "int4-asym", "int8"])
+def test_int_grouped_and_wide_tilings(dtype: torch.dtype, bits: int, symmetric: bool) -> None:
+    """Block sizes on both sides of the grouped kernel's reach: one lane per block (16), several (64; 100,
+    padded), a whole warp (the widest grouped block) and twice that (the (blocks, columns) kernel), over a
+    row count that leaves the last program part empty."""
+    chunk = 16 // torch.tensor([], dtype=dtype).element_size()
+    widest = 32 * integer.LANE_PLAN[bits][0] * chunk
+    assert integer.plan_groups(widest, 16 // chunk, bits) is not None
+    assert integer.plan_groups(2 * widest, 16 // chunk, bits) is None
+    qi, qr = ops.resolve("quantize_int", "triton", torch.device(DEVICE)), reference.quantize_int
+    for block in [16, 64, 100, widest, 2 * widest]:
+        x = _weights((5, 3 * block), dtype)
+        for got, want in zip(qi(x, block, bits, symmetric), qr(x, block, bits, symmetric), strict=True):
+            assert (got is None) == (want is None)
+            assert got is None or torch.equal(got, want), f"block {block}: {(got != want).sum().item()} differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block", [2, 10, 16, 32])
 def test_nvfp4_narrow_blocks(dtype: torch.dtype, block: int) -> None:
     """NVFP4 blocks of at most 32 take the (chunk, block, vector) tile: one chunk (2), a padded block
     (10 of 16), the default 16 and 32, in every input dtype."""
     assert_same_state(_weights((6, 160), dtype), "nvfp4", block_size=block)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nvfp4_saturated_block_scales(dtype: torch.dtype) -> None:
+    """A global scale far below amax / 2688 (as a user may pass one): most block scales saturate at 448 and
+    quotients run far past the E2M1 table, so the block kernel redoes those tiles by IEEE division over the
+    codes it stored first; tiles with no such block keep the fast codes."""
+    x = _weights((8, 1024), dtype)
+    x[4:] = x[4:] * 1e-6  # the later programs' tiles have no block out of range
+    assert_same_state(x, "nvfp4", global_scale=torch.tensor(1e-4, device=DEVICE))
 
 
 @pytest.mark.parametrize(("scheme", "opts"), SCHEMES, ids=SCHEME_IDS)

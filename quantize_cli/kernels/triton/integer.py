@@ -8,9 +8,15 @@ Per block: symmetric ``s = absmax / qmax``, ``q = clamp(rint(x / s), -qmax, qmax
 every scale of the tile lies in its range, ``div_rn`` otherwise. The quotient is rounded and clamped
 as ``x / s + 1.5 * 2**23`` (the add rounds half to even), whose low bits are the integer: no
 float-to-int conversion per element.
+
+Blocks within a warp's reach (``plan_groups``: up to 1,024 16-bit elements for 4-bit codes) take the
+grouped kernel, where each lane holds whole 16-byte chunks of one block; wider ones (one scale per long
+row) a (blocks, columns) tile, walked in chunks past ``common.MAX_WIDTH``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -41,8 +47,9 @@ MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: fp32 ulp 1, low 22 bits 0
 
 @triton.jit
 def _round(r, zp, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NORMAL_SCALE: tl.constexpr):
-    """Quotients x / s -> int32 whose low 8 bits are the code (int8 value, or 4-bit nibble with nothing
-    in bits 4-7): the clamped integer plus MAGIC (4-bit symmetric: MAGIC + 8) as fp32 bits.
+    """Quotients x / s (zp broadcast to their shape) -> int32 whose low 8 bits are the code (int8 value, or
+    4-bit nibble with nothing in bits 4-7): the clamped integer plus MAGIC (4-bit symmetric: MAGIC + 8) as
+    fp32 bits.
 
     With NORMAL_SCALE (every s of the tile a normal fp32, so s = RN(num / den) is within 2**-24 of it)
     clamps that cannot bind are left out: symmetric, |x| / s <= qmax * (1 + 2**-23) rounds to at most
@@ -55,19 +62,20 @@ def _round(r, zp, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, NORMAL_SCALE: tl.
         if not NORMAL_SCALE:
             t = tl.minimum(tl.maximum(t, base - qmax), base + qmax)
     else:
-        t = tl.minimum((r + MAGIC) + zp[:, None], MAGIC + 15.0)
+        t = tl.minimum((r + MAGIC) + zp, MAGIC + 15.0)
         if not NORMAL_SCALE:
             t = tl.maximum(t, MAGIC)
     return t.to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def _encode(x, scale, inv, zp, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """fp32 tile, per-block scale, its reciprocal and zero point (BB,) -> int32 codes (``_round``)."""
-    if all_blocks(div_by_fits(scale)):
-        code = _round(div_by(x, scale[:, None], inv[:, None]), zp, BITS, SYMMETRIC, True)
+def _encode(x, scale, inv, zp, fast, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """fp32 tile and its per-block scale, reciprocal and zero point (broadcast to the tile's shape) ->
+    int32 codes (``_round``); ``fast``: every scale of the tile fits ``div_by`` (``all_blocks``)."""
+    if fast:
+        code = _round(div_by(x, scale, inv), zp, BITS, SYMMETRIC, True)
     else:
-        code = _round(safe_div(x, scale[:, None]), zp, BITS, SYMMETRIC, False)
+        code = _round(safe_div(x, scale), zp, BITS, SYMMETRIC, False)
     return code
 
 
@@ -125,7 +133,8 @@ def _quantize_kernel(
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         lo, hi = _stats(x, SYMMETRIC)
         scale, inv, zp = _scale_zero(lo, hi, BITS, SYMMETRIC)
-        _store_codes(q_ptr, blocks, ok, 0, _encode(x, scale, inv, zp, BITS, SYMMETRIC), BLOCK, BB, BP, BITS)
+        code = _encode(x, scale[:, None], inv[:, None], zp[:, None], all_blocks(div_by_fits(scale)), BITS, SYMMETRIC)
+        _store_codes(q_ptr, blocks, ok, 0, code, BLOCK, BB, BP, BITS)
     else:
         lo = tl.zeros((BB,), tl.float32)
         hi = tl.zeros((BB,), tl.float32)
@@ -136,11 +145,75 @@ def _quantize_kernel(
             lo = tl.minimum(lo, c_lo)
             hi = tl.maximum(hi, c_hi)
         scale, inv, zp = _scale_zero(lo, hi, BITS, SYMMETRIC)
+        fast = all_blocks(div_by_fits(scale))
         for c in range(NCHUNK):
             offs, mask = tile_offsets(blocks, ok, c * BP, BLOCK, BP)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            code = _encode(x, scale, inv, zp, BITS, SYMMETRIC)
+            code = _encode(x, scale[:, None], inv[:, None], zp[:, None], fast, BITS, SYMMETRIC)
             _store_codes(q_ptr, blocks, ok, c * BP, code, BLOCK, BB, BP, BITS)
+    tl.store(scale_ptr + pid * BB + blocks, scale, mask=ok)
+    if not SYMMETRIC:
+        tl.store(zp_ptr + pid * BB + blocks, zp.to(tl.uint8), mask=ok)
+
+
+@triton.jit
+def _group_stats(x, SYMMETRIC: tl.constexpr):
+    """``_stats`` of a (CPT, BB, G, W) tile: per block over its G threads' CPT chunks of W elements."""
+    if SYMMETRIC:
+        hi = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=0), axis=1)
+        lo = -hi
+    else:
+        lo = tl.minimum(tl.min(tl.min(tl.min(x, axis=3), axis=0), axis=1), 0.0)
+        hi = tl.maximum(tl.max(tl.max(tl.max(x, axis=3), axis=0), axis=1), 0.0)
+    return lo, hi
+
+
+@triton.jit
+def _store_group(
+    q_ptr, b, c, okb, code, BLOCK: tl.constexpr, BB: tl.constexpr, G: tl.constexpr, CPT: tl.constexpr,
+    W: tl.constexpr, BITS: tl.constexpr,
+):  # fmt: skip
+    """Store the (CPT, BB, G, W) codes of ``_quantize_grouped_kernel`` (4-bit ones packed in pairs)."""
+    if BITS == 4:
+        hi, lo = tl.split(tl.reshape(code, (CPT, BB, G, W // 2, 2)))
+        packed = tl.reshape(((hi << 4) | lo).to(tl.uint8), (CPT * BB * G, W // 2))
+        col = c[:, None] * (W // 2) + tl.arange(0, W // 2)[None, :]
+        tl.store(q_ptr + (b[:, None] * (BLOCK // 2) + col), packed, mask=okb & (col < BLOCK // 2))
+    else:
+        col = c[:, None] * W + tl.arange(0, W)[None, :]
+        codes = tl.reshape(code, (CPT * BB * G, W)).to(tl.int8)
+        tl.store(q_ptr + (b[:, None] * BLOCK + col), codes, mask=okb & (col < BLOCK))
+
+
+@triton.jit
+def _quantize_grouped_kernel(
+    x_ptr, q_ptr, scale_ptr, zp_ptr, n_blocks,
+    BLOCK: tl.constexpr, BB: tl.constexpr, G: tl.constexpr, CPT: tl.constexpr, W: tl.constexpr,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+):  # fmt: skip
+    """BB blocks of at most G * CPT * W elements, each held by G adjacent lanes of one warp, each lane CPT
+    chunks of W contiguous elements (one 16-byte load each). Rows of the loaded (CPT * BB * G, W) tile are
+    ``c_hi * BB * G + b * G + c_lo`` for chunk ``c_hi * G + c_lo`` of block b, so that with BB * G a multiple
+    of the thread count a thread's rows all belong to one block: the per-block work (two IEEE divisions,
+    three for the zero point) runs once per CPT * W elements instead of once per W (a (BB, BP) tile spreads a
+    block over 16 lanes, each of which repeats it), and a block's statistics need log2(G) shuffles."""
+    pid = tl.program_id(0)
+    x_ptr += pid.to(tl.int64) * (BB * BLOCK)
+    q_ptr += pid.to(tl.int64) * (BB * BLOCK * BITS // 8)
+    blocks = tl.arange(0, BB)
+    ok = blocks < n_blocks - pid * BB
+    r = tl.arange(0, CPT * BB * G)
+    b = (r // G) % BB
+    c = (r // (BB * G)) * G + r % G
+    okb = (b < n_blocks - pid * BB)[:, None]
+    col = c[:, None] * W + tl.arange(0, W)[None, :]
+    x = tl.load(x_ptr + (b[:, None] * BLOCK + col), mask=okb & (col < BLOCK), other=0.0)
+    x = tl.reshape(x, (CPT, BB, G, W)).to(tl.float32)
+    lo, hi = _group_stats(x, SYMMETRIC)
+    scale, inv, zp = _scale_zero(lo, hi, BITS, SYMMETRIC)
+    s4, i4, z4 = scale[None, :, None, None], inv[None, :, None, None], zp[None, :, None, None]
+    code = _encode(x, s4, i4, z4, all_blocks(div_by_fits(scale)), BITS, SYMMETRIC)
+    _store_group(q_ptr, b, c, okb, code, BLOCK, BB, G, CPT, W, BITS)
     tl.store(scale_ptr + pid * BB + blocks, scale, mask=ok)
     if not SYMMETRIC:
         tl.store(zp_ptr + pid * BB + blocks, zp.to(tl.uint8), mask=ok)
@@ -177,6 +250,35 @@ def _dequantize_kernel(
 
 # ---- host side --------------------------------------------------------------------------------------------
 
+# The grouped kernel's shape by code width, tuned on an H100 (benchmarks/results.md): 16-byte chunks per lane
+# (4 for 4-bit codes, 2 for int8) and blocks per lane (2, 1), in programs of GROUP_WARPS warps.
+LANE_PLAN = {4: (4, 2), 8: (2, 1)}
+GROUP_WARPS = 2
+
+
+@dataclass(frozen=True)
+class Groups:
+    """How ``_quantize_grouped_kernel`` covers a block: ``lanes`` x ``chunks_per_lane`` chunks of ``chunk``."""
+
+    chunk: int  # W: elements per 16-byte load
+    chunks_per_lane: int  # CPT
+    lanes: int  # G: lanes per block (a power of two, at most a warp)
+    blocks_per_program: int  # BB
+    num_warps: int
+
+
+def plan_groups(block_size: int, element_size: int, bits: int) -> Groups | None:
+    """The grouped tiling of ``block_size`` blocks, or None where a block needs more than a warp."""
+    width = triton.next_power_of_2(block_size)
+    chunk = min(width, 16 // element_size)
+    chunks = width // chunk
+    chunks_per_lane, blocks_per_lane = LANE_PLAN[bits]
+    per_lane = min(chunks, chunks_per_lane)
+    lanes = chunks // per_lane
+    if lanes > 32:
+        return None
+    return Groups(chunk, per_lane, lanes, 32 * GROUP_WARPS * blocks_per_lane // lanes, GROUP_WARPS)
+
 
 def _check_bits(bits: int, symmetric: bool) -> None:
     if bits not in (4, 8):
@@ -201,7 +303,14 @@ def quantize_int(x: Tensor, block_size: int, bits: int, symmetric: bool) -> tupl
     scale = torch.empty((rows, cols // block_size), dtype=torch.float32, device=x.device)
     zero = None if symmetric else torch.empty(scale.shape, dtype=torch.uint8, device=x.device)
     t = plan_tiling(x.numel(), block_size)
-    if t.n_blocks:
+    g = plan_groups(block_size, x.element_size(), bits)
+    if t.n_blocks and g is not None:
+        _quantize_grouped_kernel[(triton.cdiv(t.n_blocks, g.blocks_per_program),)](
+            x, q, scale, scale if zero is None else zero, t.n_blocks,
+            BLOCK=block_size, BB=g.blocks_per_program, G=g.lanes, CPT=g.chunks_per_lane, W=g.chunk,
+            BITS=bits, SYMMETRIC=symmetric, num_warps=g.num_warps,
+        )  # fmt: skip
+    elif t.n_blocks:
         _quantize_kernel[t.grid](
             x, q, scale, scale if zero is None else zero, t.n_blocks,
             BLOCK=block_size, BB=t.blocks_per_program, BP=t.width, NCHUNK=t.chunks, BITS=bits,
