@@ -194,9 +194,10 @@ def _quantize_grouped_kernel(
     """BB blocks of at most G * CPT * W elements, each held by G adjacent lanes of one warp, each lane CPT
     chunks of W contiguous elements (one 16-byte load each). Rows of the loaded (CPT * BB * G, W) tile are
     ``c_hi * BB * G + b * G + c_lo`` for chunk ``c_hi * G + c_lo`` of block b, so that with BB * G a multiple
-    of the thread count a thread's rows all belong to one block: the per-block work (two IEEE divisions,
-    three for the zero point) runs once per CPT * W elements instead of once per W (a (BB, BP) tile spreads a
-    block over 16 lanes, each of which repeats it), and a block's statistics need log2(G) shuffles."""
+    of the thread count a thread holds whole lane shares (CPT chunks) of BB * G / threads blocks: the per-block
+    work (two IEEE divisions, three for the zero point) runs once per CPT * W elements instead of once per W
+    (a (BB, BP) tile spreads a block over 16 lanes, each of which repeats it), and a block's statistics need
+    log2(G) shuffles."""
     pid = tl.program_id(0)
     x_ptr += pid.to(tl.int64) * (BB * BLOCK)
     q_ptr += pid.to(tl.int64) * (BB * BLOCK * BITS // 8)
