@@ -327,6 +327,14 @@ def test_nvfp4_global_scale_matches_reference() -> None:
         assert torch.equal(fn(x), reference.nvfp4_global_scale(x))
     x = torch.randn(33, 48, dtype=torch.bfloat16, device=DEVICE)
     assert torch.equal(fn(x), reference.nvfp4_global_scale(x))
+    # several programs of the amax pass (its plan depends on the element size), the largest element in the
+    # ragged last one or in one of the middle
+    for dtype, where in [(torch.float16, -1), (torch.float32, 50_000), (torch.bfloat16, 40_000)]:
+        x = torch.randn(70_001, dtype=dtype)
+        x[where] = -300.0
+        x = x.to(DEVICE)
+        assert torch.equal(fn(x), reference.nvfp4_global_scale(x))
+        assert fn(x).item() == (torch.tensor(300.0) / (448 * 6)).item()  # fp32 quotient
 
 
 # ---- NVFP4 / MXFP4 block-scale searches (sse, hessian) ------------------------------------------------------

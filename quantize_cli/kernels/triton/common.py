@@ -9,11 +9,13 @@ The arithmetic is written with plain ``tl`` operations, so that it runs the same
 interpreter (which lacks most libdevice functions and does not round fp32 -> bf16 to nearest even)
 and on the GPU: true IEEE division through ``tl.math.div_rn`` (``/`` may lower to an approximate
 division), round-half-to-even through the 1.5 * 2**23 trick, and float8/bf16 conversions from the
-fp32 bits.
+fp32 bits. One exception: fp8 elements take the GPU's own E4M3 conversion where there is one
+(``e4m3_round``), which rounds as torch does; the interpreter's does not, so it keeps the bit codec.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..constants import E2M1_BOUNDS
+from ..ops import triton_interpreted
 
 MAX_WIDTH = 8192  # widest tile row; longer blocks (e.g. one scale per row of 11008) go in chunks
 TILE = 4096  # elements per program (quantize) for blocks narrower than that
@@ -208,6 +211,28 @@ def e4m3_encode(v):
     sub = rint(mag * 512.0).to(tl.uint32)
     nrm = ((mag_bits + 0x7FFFF + ((mag_bits >> 20) & 1)) >> 20) - 960  # 960 = (127 - 7) << 3
     return (tl.where(mag < 0.015625, sub, nrm) | sign).to(tl.int32)
+
+
+def hw_e4m3(device: torch.device) -> bool:
+    """Whether ``e4m3_round`` may use the hardware conversion: compiled for a CUDA GPU with fp8 units
+    (compute capability 8.9+), not Triton's interpreter."""
+    return device.type == "cuda" and not triton_interpreted() and _capability(device.index) >= (8, 9)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@triton.jit
+def e4m3_round(v, HW: tl.constexpr):
+    """fp32 with |v| <= 448 -> E4M3 bits (uint8), round to nearest even: with HW (``hw_e4m3``) one
+    ``cvt.rn.satfinite`` per pair of elements, else ``e4m3_encode``. On an H100 this took the fp8
+    quantize kernel from 1.03-1.29x to 1.01-1.05x of its memory floor (results.md)."""
+    if HW:
+        return v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        return e4m3_encode(v).to(tl.uint8)
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """Triton fp8 (E4M3) kernels: the signatures of ``reference.quantize_fp8`` and ``reference.dequantize_fp8``.
 
-Per block ``s = absmax / 448``; ``q = e4m3(clamp(x / s, -448, 448))`` rounded to nearest even from the
-fp32 bits (``common.e4m3_encode``), written into the float8_e4m3fn tensor through a uint8 view.
+Per block ``s = absmax / 448``; ``q = e4m3(clamp(x / s, -448, 448))`` rounded to nearest even
+(``common.e4m3_round``: the GPU's conversion, or the fp32 bits under the interpreter), written into the
+float8_e4m3fn tensor through a uint8 view.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from ..constants import F8_E4M3_MAX
 from .common import (
     check_2d,
     e4m3_decode,
-    e4m3_encode,
+    e4m3_round,
+    hw_e4m3,
     out_buffer,
     out_code,
     plan_tiling,
@@ -27,16 +29,19 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _encode_store(q_ptr, blocks, ok, col0, x, scale, BLOCK: tl.constexpr, BP: tl.constexpr, FMAX: tl.constexpr):
+def _encode_store(
+    q_ptr, blocks, ok, col0, x, scale, BLOCK: tl.constexpr, BP: tl.constexpr, FMAX: tl.constexpr, HW: tl.constexpr
+):  # fmt: skip
     v = tl.minimum(tl.maximum(safe_div(x, scale[:, None]), -FMAX), FMAX)
     offs, mask = tile_offsets(blocks, ok, col0, BLOCK, BP)
-    tl.store(q_ptr + offs, e4m3_encode(v).to(tl.uint8), mask=mask)
+    tl.store(q_ptr + offs, e4m3_round(v, HW), mask=mask)
 
 
 @triton.jit
 def _quantize_kernel(
     x_ptr, q_ptr, scale_ptr, n_blocks,
     BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, NCHUNK: tl.constexpr, FMAX: tl.constexpr,
+    HW: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     x_ptr += pid.to(tl.int64) * (BB * BLOCK)
@@ -47,7 +52,7 @@ def _quantize_kernel(
         offs, mask = tile_offsets(blocks, ok, 0, BLOCK, BP)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.full((BB,), FMAX, tl.float32))
-        _encode_store(q_ptr, blocks, ok, 0, x, scale, BLOCK, BP, FMAX)
+        _encode_store(q_ptr, blocks, ok, 0, x, scale, BLOCK, BP, FMAX, HW)
     else:
         absmax = tl.zeros((BB,), tl.float32)
         for c in range(NCHUNK):
@@ -58,7 +63,7 @@ def _quantize_kernel(
         for c in range(NCHUNK):
             offs, mask = tile_offsets(blocks, ok, c * BP, BLOCK, BP)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            _encode_store(q_ptr, blocks, ok, c * BP, x, scale, BLOCK, BP, FMAX)
+            _encode_store(q_ptr, blocks, ok, c * BP, x, scale, BLOCK, BP, FMAX, HW)
     tl.store(scale_ptr + pid * BB + blocks, scale, mask=ok)
 
 
@@ -95,7 +100,7 @@ def quantize_fp8(x: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
         _quantize_kernel[t.grid](
             x, q.view(torch.uint8), scale, t.n_blocks,
             BLOCK=block_size, BB=t.blocks_per_program, BP=t.width, NCHUNK=t.chunks, FMAX=F8_E4M3_MAX,
-            num_warps=t.num_warps,
+            HW=hw_e4m3(x.device), num_warps=t.num_warps,
         )  # fmt: skip
     return q, scale
 

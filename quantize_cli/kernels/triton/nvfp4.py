@@ -29,7 +29,8 @@ from .common import (
     e2m1_lookup,
     e2m1_rows,
     e4m3_decode,
-    e4m3_encode,
+    e4m3_round,
+    hw_e4m3,
     interleave,
     out_buffer,
     out_code,
@@ -45,12 +46,16 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _block_scale(amax, gs, FMAX: tl.constexpr, EMAX: tl.constexpr):
+def _block_scale(amax, gs, FMAX: tl.constexpr, EMAX: tl.constexpr, HW: tl.constexpr):
     """Per-block (E4M3 code, decode scale code * gs, its reciprocal) from the block amax, in the
-    reference's order, and whether the tile may take the fast path (0-d)."""
+    reference's order, and whether the tile may take the fast path (0-d). HW: the E4M3 round trip by
+    the GPU's conversions (``common.hw_e4m3``)."""
     block = tl.math.div_rn(tl.math.div_rn(amax, tl.full(amax.shape, EMAX, tl.float32)), tl.zeros_like(amax) + gs)
-    code = e4m3_encode(tl.minimum(block, FMAX))
-    total = e4m3_decode(code) * gs
+    code = e4m3_round(tl.minimum(block, FMAX), HW).to(tl.int32)
+    if HW:
+        total = code.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * gs
+    else:
+        total = e4m3_decode(code) * gs
     inv = reciprocal(total)
     # |x / total| <= amax * inv within an ulp or two, so LIMIT bounds every quotient (false for NaN)
     fast = all_blocks(div_by_fits(total) & (amax * inv <= E2M1_LIMIT))
@@ -89,12 +94,15 @@ def _store_narrow(q_ptr, r, okr, codes, BLOCK: tl.constexpr, BB: tl.constexpr, N
 def _quantize_narrow_kernel(
     x_ptr, q_ptr, scale_ptr, gs_ptr, e_ptr, n_blocks,
     BLOCK: tl.constexpr, BB: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr,
-    FMAX: tl.constexpr, EMAX: tl.constexpr,
+    FMAX: tl.constexpr, EMAX: tl.constexpr, HW: tl.constexpr,
 ):  # fmt: skip
     """Blocks of at most NCH * W elements as a (NCH, BB, W) tile: block b's NCH chunks of W contiguous
     elements (one 16-byte load each) sit in one thread, so the per-block work (three IEEE divisions, the
-    E4M3 round trip) runs once per block instead of in every thread that holds part of it."""
-    pid = tl.program_id(0)
+    E4M3 round trip) runs once per block instead of in every thread that holds part of it.
+
+    Programs run from the last tile to the first: the amax pass reads the weight forward, so its last
+    tiles may still be in L2 (an H100 keeps a few MB of it: 1.5-2 µs of 80-130, results.md)."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     x_ptr += pid.to(tl.int64) * (BB * BLOCK)
     q_ptr += pid.to(tl.int64) * (BB * BLOCK // 2)
     blocks = tl.arange(0, BB)
@@ -107,7 +115,7 @@ def _quantize_narrow_kernel(
     okr = (r % BB) < n_blocks - pid * BB
     x = tl.load(x_ptr + ((r % BB)[:, None] * BLOCK + jr), mask=okr[:, None] & (jr < BLOCK), other=0.0)
     x = tl.reshape(x, (NCH, BB, W)).to(tl.float32)
-    code, total, inv, fast = _block_scale(tl.max(tl.max(tl.abs(x), axis=2), axis=0), tl.load(gs_ptr), FMAX, EMAX)
+    code, total, inv, fast = _block_scale(tl.max(tl.max(tl.abs(x), axis=2), axis=0), tl.load(gs_ptr), FMAX, EMAX, HW)
     total, inv = total[None, :, None], inv[None, :, None]
     # the fast codes are stored outside any branch (in a block outside ``fast``'s range they are wrong, but the
     # lookup stays masked into its table) and the rare tile that needs it is redone over them: on an H100 6-9 %
@@ -123,7 +131,7 @@ def _quantize_narrow_kernel(
 def _quantize_kernel(
     x_ptr, q_ptr, scale_ptr, gs_ptr, e_ptr, n_blocks,
     BLOCK: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, NCHUNK: tl.constexpr,
-    FMAX: tl.constexpr, EMAX: tl.constexpr,
+    FMAX: tl.constexpr, EMAX: tl.constexpr, HW: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     x_ptr += pid.to(tl.int64) * (BB * BLOCK)
@@ -134,7 +142,7 @@ def _quantize_kernel(
     if NCHUNK == 1:
         offs, mask = tile_offsets(blocks, ok, 0, BLOCK, BP)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        code, total, inv, fast = _block_scale(tl.max(tl.abs(x), axis=1), gs, FMAX, EMAX)
+        code, total, inv, fast = _block_scale(tl.max(tl.abs(x), axis=1), gs, FMAX, EMAX, HW)
         _encode_store(q_ptr, e_ptr, blocks, ok, 0, x, total, inv, fast, BLOCK, BB, BP)
     else:
         amax = tl.zeros((BB,), tl.float32)
@@ -142,7 +150,7 @@ def _quantize_kernel(
             offs, mask = tile_offsets(blocks, ok, c * BP, BLOCK, BP)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        code, total, inv, fast = _block_scale(amax, gs, FMAX, EMAX)
+        code, total, inv, fast = _block_scale(amax, gs, FMAX, EMAX, HW)
         for c in range(NCHUNK):
             offs, mask = tile_offsets(blocks, ok, c * BP, BLOCK, BP)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -172,11 +180,12 @@ def _dequantize_kernel(
 
 @triton.jit
 def _absmax_partial_kernel(x_ptr, partial_ptr, n, TILE: tl.constexpr, ITERS: tl.constexpr):
-    """partial[pid] = max |x| over ITERS consecutive tiles (no atomics: a second pass reduces them)."""
+    """partial[pid] = max |x| over ITERS consecutive tiles (no atomics: a second pass reduces them); the
+    loads unrolled, so all of a program's are in flight at once."""
     pid = tl.program_id(0)
     base = pid.to(tl.int64) * (TILE * ITERS)
     acc = tl.zeros((TILE,), tl.float32)
-    for i in range(ITERS):
+    for i in tl.static_range(ITERS):
         offs = base + i * TILE + tl.arange(0, TILE)
         acc = tl.maximum(acc, tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)))
     tl.store(partial_ptr + pid, tl.max(acc, axis=0))
@@ -195,7 +204,9 @@ def _global_scale_kernel(partial_ptr, gs_ptr, n, WIDTH: tl.constexpr, DEN: tl.co
 
 # ---- host side --------------------------------------------------------------------------------------------
 
-_GS_TILE, _GS_ITERS = 4096, 8
+# amax pass: (elements per load, loads per program) by input element size; on an H100 0.7-2 µs (1-6 %) faster
+# than 4,096 x 8 in a loop for every shape and dtype measured (results.md)
+_GS_PLAN = {2: (4096, 8), 4: (8192, 4)}
 NARROW_TILE, NARROW_WARPS = 2048, 2  # elements and warps per program of the narrow kernel (H100: results.md)
 NARROW = 32  # blocks up to this (padded) width take the (chunk, block, vector) tile: NVFP4's 16 does
 
@@ -205,10 +216,11 @@ def nvfp4_global_scale(x: Tensor) -> Tensor:
     two launches and no host sync; equal to ``reference.nvfp4_global_scale``."""
     flat = x.contiguous().reshape(-1)
     n = flat.numel()
-    programs = max(1, triton.cdiv(n, _GS_TILE * _GS_ITERS))
+    tile, iters = _GS_PLAN.get(x.element_size(), _GS_PLAN[2])
+    programs = max(1, triton.cdiv(n, tile * iters))
     partial = torch.empty(programs, dtype=torch.float32, device=x.device)
     gs = torch.empty((), dtype=torch.float32, device=x.device)
-    _absmax_partial_kernel[(programs,)](flat, partial, n, TILE=_GS_TILE, ITERS=_GS_ITERS, num_warps=8)
+    _absmax_partial_kernel[(programs,)](flat, partial, n, TILE=tile, ITERS=iters, num_warps=8)
     _global_scale_kernel[(1,)](partial, gs, programs, WIDTH=1024, DEN=F8_E4M3_MAX * F4_E2M1_MAX, num_warps=4)
     return gs
 
@@ -231,13 +243,14 @@ def quantize_nvfp4(x: Tensor, block_size: int, global_scale: Tensor) -> tuple[Te
         bb = NARROW_TILE // width
         _quantize_narrow_kernel[(triton.cdiv(t.n_blocks, bb),)](
             x, q, scale.view(torch.uint8), gs, e2m1_rows(x.device), t.n_blocks,
-            BLOCK=block_size, BB=bb, NCH=width // w, W=w, FMAX=F8_E4M3_MAX, EMAX=F4_E2M1_MAX, num_warps=NARROW_WARPS,
+            BLOCK=block_size, BB=bb, NCH=width // w, W=w, FMAX=F8_E4M3_MAX, EMAX=F4_E2M1_MAX, HW=hw_e4m3(x.device),
+            num_warps=NARROW_WARPS,
         )  # fmt: skip
     elif t.n_blocks:
         _quantize_kernel[t.grid](
             x, q, scale.view(torch.uint8), gs, e2m1_rows(x.device), t.n_blocks,
             BLOCK=block_size, BB=t.blocks_per_program, BP=t.width, NCHUNK=t.chunks,
-            FMAX=F8_E4M3_MAX, EMAX=F4_E2M1_MAX, num_warps=t.num_warps,
+            FMAX=F8_E4M3_MAX, EMAX=F4_E2M1_MAX, HW=hw_e4m3(x.device), num_warps=t.num_warps,
         )  # fmt: skip
     return q, scale
 
